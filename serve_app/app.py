@@ -1,0 +1,57 @@
+"""The serve YAML entry point: `import_path: serve_app.app:build_app` with the config as `args:`.
+
+    Router (ingress) --> PrefillServer   (prompt, max_tokens=1, keeps the KV blocks)
+                     \\-> DecodeServer    (reads the blocks over NIXL, generates, streams)
+
+Both servers share one GPU: fractional `num_gpus`, an MPS SM cap each, a memory share each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.partition import phase_actor_options
+from serve_app.router import Router
+from serve_app.servers import DecodeServer, PrefillServer
+
+
+def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
+    """Validate `args` (raises pydantic's ValidationError naming the field) and bind the graph."""
+    cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    cfg = _with_absolute_model_path(cfg)
+    cfg_dict = cfg.model_dump(mode="json")
+    prefill = PrefillServer.options(
+        ray_actor_options=phase_actor_options(cfg, "prefill"),
+        max_ongoing_requests=cfg.prefill.max_ongoing_requests,
+        num_replicas=cfg.prefill.num_replicas,
+    ).bind(cfg_dict)
+    decode = DecodeServer.options(
+        ray_actor_options=phase_actor_options(cfg, "decode"),
+        max_ongoing_requests=cfg.decode.max_ongoing_requests,
+        num_replicas=cfg.decode.num_replicas,
+    ).bind(cfg_dict, prefill)
+    return Router.options(
+        num_replicas=cfg.router.num_replicas,
+        max_ongoing_requests=cfg.router.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.router.num_cpus},
+    ).bind(cfg_dict, prefill, decode)
+
+
+def _with_absolute_model_path(cfg: AppConfig) -> AppConfig:
+    """A relative local model path means relative to where the app is built, not to wherever
+    Ray starts the replicas' worker processes."""
+    source = Path(cfg.model.source)
+    if source.is_absolute() or not source.exists():
+        return cfg
+    model = cfg.model.model_copy(update={"source": str(source.resolve())})
+    if cfg.model.served_model_name is None:
+        model = model.model_copy(update={"served_model_name": cfg.model.source})
+    return cfg.model_copy(update={"model": model})
+
+
+# `serve build` needs an Application object, not a builder: the default (tiny model, CPU) one.
+app = build_app()

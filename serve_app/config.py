@@ -1,0 +1,203 @@
+"""The contract of the serve YAML `args:`: one pydantic schema, validated at build time.
+
+Every cross-field rule lives here (fractions that must fit on one GPU, ports that must differ, the
+model declared once for both phases), so a bad YAML fails at `serve run` / `serve deploy` with a
+message that names the field and the allowed range, before any engine starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# vLLM engine arguments that the schema owns; setting them per phase would split the contract.
+RESERVED_ENGINE_KWARGS = frozenset(
+    {"model", "served_model_name", "kv_transfer_config", "tokenizer", "gpu_memory_utilization",
+     "kv_cache_memory_bytes"}
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """The one model both engines serve."""
+
+    source: str = "models/tiny-llama"
+    """A local directory or a Hugging Face id; the same weights are loaded by both engines."""
+    served_model_name: str | None = None
+    """The name clients send as `model`; defaults to `source`."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Context length (prompt + output tokens); defaults to the model's own."""
+    dtype: str = "auto"
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.source
+
+
+class PhaseConfig(_Strict):
+    """One engine (prefill or decode) and its slice of the GPU."""
+
+    num_gpus: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Ray's logical GPU fraction for the replica (placement only; nothing is enforced)."""
+    num_cpus: float = Field(default=1.0, ge=0.0)
+    sm_percentage: int | None = Field(default=None, ge=1, le=100)
+    """CUDA MPS SM cap (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`); None runs without MPS."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Share of the whole card's memory this engine may use (weights + activations + KV)."""
+    kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
+    """A fixed KV pool size; skips memory profiling, so start order stops mattering."""
+    pinned_device_mem_limit: str | None = Field(default=None, pattern=r"^\d+[MG]$")
+    """MPS per-client memory cap, e.g. `40G` (`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`)."""
+    nixl_side_channel_port: int = Field(default=5600, ge=1024, le=65535)
+    cpu_cores: str | None = Field(default=None, pattern=r"^[0-9,\-|]+$")
+    """CPU build only: cores for the engine's worker (`VLLM_CPU_OMP_THREADS_BIND`), e.g. `0`."""
+    cpu_kv_cache_gib: int | None = Field(default=None, ge=1, le=1024)
+    """CPU build only: KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    num_replicas: int = Field(default=1, ge=1, le=1)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Any other vLLM engine argument, e.g. `max_num_batched_tokens`, `enforce_eager`."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for the replica (and so its engine processes)."""
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(RESERVED_ENGINE_KWARGS & {k.replace("-", "_") for k in value})
+        if clash:
+            raise ValueError(
+                f"engine_kwargs may not set {clash}: use `model.*`, `gpu_memory_utilization` or "
+                "`kv_cache_memory_bytes` of the phase, or the `kv_transfer` section"
+            )
+        return value
+
+
+class KVTransferConfig(_Strict):
+    """How the prompt's KV blocks travel from prefill to decode (vLLM's NixlConnector)."""
+
+    buffer_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` follows `device`: `cpu` on the CPU build, `cuda` on a GPU."""
+    lease_duration_s: int = Field(default=120, ge=6, le=3600)
+    """How long prefill keeps finished blocks for decode (renewed by decode heartbeats)."""
+    load_failure_policy: Literal["fail", "recompute"] = "recompute"
+    """When decode cannot read the blocks: fail the request, or recompute the prompt."""
+    recompute_threshold_tokens: int = Field(default=0, ge=0)
+    """Decode recomputes instead of pulling below this many prompt tokens (0: always pull)."""
+    num_threads: int = Field(default=1, ge=1, le=64)
+    """UCX worker threads per engine."""
+    progress_delay_us: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Sleep of NIXL's progress thread between polls. None keeps NIXL's busy spin (right on a
+    many-core GPU host); small machines need a delay, e.g. 20000, or the spin starves them."""
+    ucx_tls: str | None = None
+    """UCX transports; `auto` picks same-GPU transports (cuda_ipc, cuda_copy) on a GPU."""
+    side_channel_host: str = "127.0.0.1"
+
+
+class MpsConfig(_Strict):
+    """The MPS control daemon the two GPU engines attach to."""
+
+    pipe_dir: str = "/tmp/pd-serve-mps/pipe"
+    log_dir: str = "/tmp/pd-serve-mps/log"
+    allow_unpartitioned: bool = False
+    """If no MPS daemon answers: False refuses to start; True runs without the SM split (loud)."""
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=512, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0.0)
+    fallback_to_decode: bool = True
+    """When prefill fails (not the client's fault), decode runs the whole request."""
+    health_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class AppConfig(_Strict):
+    """The builder's `args:` in the serve YAML."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prefill: PhaseConfig = Field(
+        default_factory=lambda: PhaseConfig(num_gpus=0.8, nixl_side_channel_port=5600)
+    )
+    decode: PhaseConfig = Field(
+        default_factory=lambda: PhaseConfig(num_gpus=0.2, nixl_side_channel_port=5610)
+    )
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    mps: MpsConfig = Field(default_factory=MpsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    memory_headroom: float = Field(default=0.05, ge=0.0, lt=0.5)
+    """Share of the card left to CUDA contexts, NCCL/UCX buffers and fragmentation."""
+    start_order: Literal["prefill_first", "parallel"] = "prefill_first"
+    """`prefill_first`: decode starts its engine (and memory profiling) only once prefill's is
+    up, on every (re)start. `parallel` is allowed on a GPU only when both KV pools are fixed."""
+
+    @model_validator(mode="after")
+    def _fits_on_one_gpu(self) -> AppConfig:
+        total_gpus = self.prefill.num_gpus + self.decode.num_gpus
+        if total_gpus > 1.0 + 1e-9:
+            raise ValueError(
+                f"prefill.num_gpus + decode.num_gpus = {total_gpus:g} must be <= 1 "
+                "(both phases share one GPU)"
+            )
+        shares = [p.gpu_memory_utilization for p in (self.prefill, self.decode)]
+        if all(s is not None for s in shares):
+            total = sum(s for s in shares if s is not None)
+            limit = 1.0 - self.memory_headroom
+            if total > limit + 1e-9:
+                raise ValueError(
+                    f"prefill.gpu_memory_utilization + decode.gpu_memory_utilization = "
+                    f"{total:g} must be <= {limit:g} (1 - memory_headroom)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> AppConfig:
+        if self.prefill.nixl_side_channel_port == self.decode.nixl_side_channel_port:
+            raise ValueError(
+                "prefill.nixl_side_channel_port and decode.nixl_side_channel_port must differ "
+                f"(both are {self.decode.nixl_side_channel_port})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gpu_settings_need_a_gpu(self) -> AppConfig:
+        if self.device == "cpu":
+            for phase in ("prefill", "decode"):
+                cfg: PhaseConfig = getattr(self, phase)
+                if cfg.sm_percentage is not None:
+                    raise ValueError(
+                        f"{phase}.sm_percentage is a CUDA MPS setting: it needs device: cuda"
+                    )
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_start_needs_fixed_pools(self) -> AppConfig:
+        if self.device == "cuda" and self.start_order == "parallel":
+            unpinned = [
+                phase
+                for phase in ("prefill", "decode")
+                if getattr(self, phase).kv_cache_memory_bytes is None
+            ]
+            if unpinned:
+                raise ValueError(
+                    "start_order: parallel lets two engines profile GPU memory at once, which "
+                    "sizes their KV caches wrongly (vllm issue 55827); set "
+                    f"{', '.join(p + '.kv_cache_memory_bytes' for p in unpinned)} or use "
+                    "start_order: prefill_first"
+                )
+        return self
+
+    @property
+    def kv_buffer_device(self) -> str:
+        if self.kv_transfer.buffer_device != "auto":
+            return self.kv_transfer.buffer_device
+        return self.device
+
+    def phase(self, role: str) -> PhaseConfig:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+        return self.prefill if role == "prefill" else self.decode

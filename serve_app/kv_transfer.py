@@ -1,0 +1,54 @@
+"""NIXL connector settings per role: the `kv_transfer_config` and the environment of each engine.
+
+Both engines run vLLM's `NixlConnector` as `kv_both`; which one prefills and which one decodes is
+decided per request by `kv_transfer_params` (see `protocol.py`), not by the engine's role.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve_app.config import AppConfig
+
+CONNECTOR = "NixlConnector"
+# Same-GPU transfers need CUDA IPC / copy transports; without them UCX falls back to TCP through
+# the host (vllm issue 52607: 0.5 GB/s instead of ~50 GB/s).
+GPU_UCX_TLS = "cuda_ipc,cuda_copy,sm,self,tcp"
+
+
+def kv_transfer_config(cfg: AppConfig, role: str) -> dict[str, Any]:
+    """The vLLM `kv_transfer_config` of the `role` engine."""
+    kv = cfg.kv_transfer
+    return {
+        "kv_connector": CONNECTOR,
+        "kv_role": "kv_both",
+        "kv_buffer_device": cfg.kv_buffer_device,
+        "engine_id": f"pd-serve-{role}",
+        "kv_load_failure_policy": kv.load_failure_policy,
+        "kv_connector_extra_config": {
+            "kv_lease_duration": kv.lease_duration_s,
+            "kv_recompute_threshold": kv.recompute_threshold_tokens,
+            "num_threads": kv.num_threads,
+        },
+    }
+
+
+def kv_transfer_env(cfg: AppConfig, role: str) -> dict[str, str]:
+    """Environment variables the `role` engine's processes need for NIXL / UCX."""
+    kv = cfg.kv_transfer
+    env = {
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(cfg.phase(role).nixl_side_channel_port),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": kv.side_channel_host,
+        # vLLM sets this only if NIXL is not imported yet; our plugin may import it first.
+        "UCX_RCACHE_MAX_UNRELEASED": "1024",
+    }
+    if kv.progress_delay_us is not None:
+        env["PD_SERVE_NIXL_PROGRESS_DELAY_US"] = str(kv.progress_delay_us)
+    if kv.ucx_tls:
+        env["UCX_TLS"] = GPU_UCX_TLS if kv.ucx_tls == "auto" else kv.ucx_tls
+    elif cfg.device == "cuda":
+        env["UCX_TLS"] = GPU_UCX_TLS
+    if kv.side_channel_host.startswith("127."):
+        # Keep UCX on loopback too: its default picks every interface it finds.
+        env["UCX_NET_DEVICES"] = "lo"
+    return env

@@ -1,0 +1,93 @@
+"""Typed messages between the deployments, and the two request rewrites of the handoff.
+
+The OpenAI request and response models are vLLM's own (`CompletionRequest`,
+`ChatCompletionRequest`, `ErrorResponse`, ...); this module only adds what crosses the
+prefill -> decode boundary. Requests are never edited in place: each phase gets a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Endpoint = Literal["completions", "chat"]
+
+
+class KVTransferParams(BaseModel):
+    """What prefill's NixlConnector returns and decode's reads, forwarded verbatim.
+
+    The named fields are the ones the router relies on; vLLM may add others (`tp_size`,
+    `transfer_mode`, ...), which ride along untouched.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    do_remote_prefill: bool = False
+    do_remote_decode: bool = False
+    remote_engine_id: str | None = None
+    remote_request_id: str | None = None
+    remote_block_ids: list[Any] | None = None
+    remote_host: str | None = None
+    remote_port: int | None = None
+    remote_num_tokens: int | None = None
+
+    @classmethod
+    def for_prefill(cls) -> KVTransferParams:
+        """Ask the prefill engine to keep the prompt's blocks for a remote decode."""
+        return cls(do_remote_decode=True)
+
+
+class PrefillResult(BaseModel):
+    """Prefill's answer to the router: where the prompt's KV blocks wait for decode."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str
+    kv_transfer_params: KVTransferParams
+    num_prompt_tokens: int
+
+
+class RequestError(Exception):
+    """An OpenAI error for a caller of the Python handle API (HTTP callers get the JSON)."""
+
+    def __init__(self, status_code: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error", {}).get("message", str(body)))
+        self.status_code = status_code
+        self.body = body
+
+
+def prepare_prefill_request(request: Any, request_id: str) -> Any:
+    """The prefill copy: one token, no streaming, blocks kept for the remote decode."""
+    return _copy(
+        request,
+        request_id=request_id,
+        max_tokens=1,
+        max_completion_tokens=1,
+        min_tokens=0,
+        n=1,
+        stream=False,
+        stream_options=None,
+        echo=False,
+        kv_transfer_params=KVTransferParams.for_prefill().model_dump(),
+    )
+
+
+def prepare_decode_request(request: Any, request_id: str, result: PrefillResult | None) -> Any:
+    """The decode copy: the client's request, reading the prompt's blocks from prefill.
+
+    With `result=None` (no prefill: fallback, or a request that cannot be split) decode runs the
+    whole request itself.
+    """
+    params = None if result is None else result.kv_transfer_params.model_dump()
+    return _copy(request, request_id=request_id, kv_transfer_params=params)
+
+
+def can_disaggregate(request: Any) -> bool:
+    """Requests whose prompt KV one prefill can hand to one decode (no beam search, n == 1)."""
+    return (getattr(request, "n", 1) or 1) == 1 and not getattr(request, "use_beam_search", False)
+
+
+def _copy(request: Any, **updates: Any) -> Any:
+    fields = type(request).model_fields
+    return request.model_copy(update={k: v for k, v in updates.items() if k in fields})

@@ -1,0 +1,121 @@
+"""The two engine deployments: `PrefillServer` and `DecodeServer`.
+
+Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU. Start order: the
+decode replica starts its engine only after the prefill replica has started its own, so the two
+never profile GPU memory at the same time (vllm issue 55827); Serve restarts keep that order
+because the wait is in the decode constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+
+from serve_app.config import AppConfig
+from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
+
+logger = logging.getLogger("ray.serve")
+START_WAIT_S = 1800.0
+
+
+class _EngineServer:
+    role = ""
+
+    async def _start_engine(self, cfg: AppConfig) -> None:
+        from serve_app.engine import Engine
+        from serve_app.mps import preflight
+
+        self.cfg = cfg
+        if cfg.device == "cuda":
+            phase = cfg.phase(self.role)
+            preflight(phase.sm_percentage, cfg.mps.pipe_dir, cfg.mps.allow_unpartitioned)
+        self.engine = Engine(cfg, self.role)
+        await self.engine.start()
+
+    async def check_health(self) -> None:
+        """Called by Serve every `health_check_period_s`; an engine error restarts the replica."""
+        await self.engine.check_health()
+
+    async def wait_started(self) -> bool:
+        """Returns once this replica's engine is up (Serve routes no call before that)."""
+        return True
+
+    async def list_models(self) -> dict[str, Any]:
+        return await self.engine.list_models()
+
+    async def stats(self) -> dict[str, Any]:
+        return asdict(self.engine.stats)
+
+    async def leak_report(self) -> dict[str, Any]:
+        """What the engine still holds: unfinished requests and whether every KV block is free."""
+        return {
+            "num_unfinished_requests": await self.engine.num_unfinished_requests(),
+            "all_blocks_free": await self.engine.all_blocks_free(),
+        }
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+@serve.deployment(name="PrefillServer", health_check_period_s=10, health_check_timeout_s=60)
+class PrefillServer(_EngineServer):
+    role = "prefill"
+
+    async def __init__(self, cfg: dict[str, Any]) -> None:
+        await self._start_engine(AppConfig.model_validate(cfg))
+
+    async def prefill(self, endpoint: Endpoint, request: Any) -> PrefillResult | Any:
+        """Run the prompt (`max_tokens=1`) and keep its blocks for decode.
+
+        Returns a `PrefillResult`, or vLLM's `ErrorResponse` when the request is invalid here
+        (prompt too long, bad sampling parameters): then no block was kept.
+        """
+        response = await self.engine.create(endpoint, request)
+        params = getattr(response, "kv_transfer_params", None)
+        if params is None:
+            return response  # ErrorResponse
+        return PrefillResult(
+            request_id=response.id,
+            kv_transfer_params=KVTransferParams.model_validate(params),
+            num_prompt_tokens=response.usage.prompt_tokens,
+        )
+
+
+@serve.deployment(name="DecodeServer", health_check_period_s=10, health_check_timeout_s=60)
+class DecodeServer(_EngineServer):
+    role = "decode"
+
+    async def __init__(self, cfg: dict[str, Any], prefill: Any) -> None:
+        app_cfg = AppConfig.model_validate(cfg)
+        if app_cfg.start_order == "prefill_first":
+            logger.info("decode waits for the prefill engine to start first")
+            await asyncio.wait_for(prefill.wait_started.remote(), timeout=START_WAIT_S)
+        await self._start_engine(app_cfg)
+
+    async def generate(self, endpoint: Endpoint, request: Any) -> AsyncIterator[Any]:
+        """Stream one request: SSE event strings, or one response / `ErrorResponse` object.
+
+        Closing this generator (client gone, router cancelled) closes vLLM's, which aborts the
+        request in the engine and frees its blocks.
+        """
+        result = await self.engine.create(endpoint, request)
+        if not hasattr(result, "__aiter__"):
+            yield result
+            return
+        try:
+            async for event in result:
+                yield event
+        finally:
+            await result.aclose()
+
+    async def release_remote_kv(self, request_id: str, params: KVTransferParams) -> None:
+        """Free prefill's blocks for a request that will never decode (client left between)."""
+        # A distinct id: the release is a pre-aborted request of its own in the engine.
+        await self.engine.release_remote_kv(f"release-{request_id}", params.model_dump())

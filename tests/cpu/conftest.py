@@ -1,0 +1,97 @@
+"""Shared fixtures: one Ray (127.0.0.1 only, one logical GPU) and one disaggregated app.
+
+Engines are expensive on a 2-core machine, so the app is started once per session and every test
+that needs it shares it; tests that need their own configuration start their own and stop it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = ROOT / "models" / "tiny-llama"
+MODEL_NAME = "tiny-llama"
+
+# Before Ray starts: keep GCS, raylet and workers on loopback; no auth, no usage reporting.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def app_args(**overrides: Any) -> dict[str, Any]:
+    """The local CPU config's args, as the tests use them."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "local-cpu.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args["model"]["source"] = str(TINY_MODEL)
+    for key, value in overrides.items():
+        args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
+    return args
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from serve_app.tiny_model import build
+
+    return build(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        num_gpus=1,
+        num_cpus=2,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def http_port(ray_cluster: None) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
+def pd_app(tiny_model: Path, http_port: int) -> Iterator[dict[str, Any]]:
+    """The disaggregated app, running; yields its handles and base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    started = time.monotonic()
+    handle = serve.run(build_app(app_args()), name="pd", route_prefix="/")
+    print(f"app started in {time.monotonic() - started:.0f} s")
+    yield {
+        "router": handle,
+        "prefill": serve.get_deployment_handle("PrefillServer", app_name="pd"),
+        "decode": serve.get_deployment_handle("DecodeServer", app_name="pd"),
+        "base_url": f"http://127.0.0.1:{http_port}",
+    }
+    serve.delete("pd")
