@@ -24,6 +24,13 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     cfg = _with_absolute_model_path(cfg)
     cfg_dict = cfg.model_dump(mode="json")
+    if cfg.is_unified:
+        engine = DecodeServer.options(
+            name="EngineServer",
+            ray_actor_options=phase_actor_options(cfg, "decode"),
+            max_ongoing_requests=cfg.decode.max_ongoing_requests,
+        ).bind(cfg_dict)
+        return _router(cfg, cfg_dict, None, engine)
     prefill = PrefillServer.options(
         ray_actor_options=phase_actor_options(cfg, "prefill"),
         max_ongoing_requests=cfg.prefill.max_ongoing_requests,
@@ -34,6 +41,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         max_ongoing_requests=cfg.decode.max_ongoing_requests,
         num_replicas=cfg.decode.num_replicas,
     ).bind(cfg_dict, prefill)
+    return _router(cfg, cfg_dict, prefill, decode)
+
+
+def _router(cfg: AppConfig, cfg_dict: dict[str, Any], prefill: Any, decode: Any) -> Application:
     return Router.options(
         num_replicas=cfg.router.num_replicas,
         max_ongoing_requests=cfg.router.max_ongoing_requests,

@@ -119,6 +119,9 @@ class AppConfig(_Strict):
     """The builder's `args:` in the serve YAML."""
 
     device: Literal["cpu", "cuda"] = "cpu"
+    mode: Literal["disaggregated", "unified"] = "disaggregated"
+    """`unified` is the baseline: one engine (the `decode` phase's settings, chunked prefill, no
+    KV connector) runs whole requests behind the same Router and HTTP API."""
     model: ModelConfig = Field(default_factory=ModelConfig)
     prefill: PhaseConfig = Field(
         default_factory=lambda: PhaseConfig(num_gpus=0.8, nixl_side_channel_port=5600)
@@ -135,8 +138,22 @@ class AppConfig(_Strict):
     """`prefill_first`: decode starts its engine (and memory profiling) only once prefill's is
     up, on every (re)start. `parallel` is allowed on a GPU only when both KV pools are fixed."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port_per_role(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("decode"), dict):
+            data = {**data, "decode": {"nixl_side_channel_port": 5610, **data["decode"]}}
+        return data
+
+    @property
+    def engine_phases(self) -> tuple[str, ...]:
+        """The phases that run an engine: unified mode runs only `decode`'s."""
+        return ("decode",) if self.is_unified else ("prefill", "decode")
+
     @model_validator(mode="after")
     def _fits_on_one_gpu(self) -> AppConfig:
+        if self.is_unified:
+            return self
         total_gpus = self.prefill.num_gpus + self.decode.num_gpus
         if total_gpus > 1.0 + 1e-9:
             raise ValueError(
@@ -154,9 +171,13 @@ class AppConfig(_Strict):
                 )
         return self
 
+    @property
+    def is_unified(self) -> bool:
+        return self.mode == "unified"
+
     @model_validator(mode="after")
     def _ports_differ(self) -> AppConfig:
-        if self.prefill.nixl_side_channel_port == self.decode.nixl_side_channel_port:
+        if not self.is_unified and self.prefill.nixl_side_channel_port == self.decode.nixl_side_channel_port:
             raise ValueError(
                 "prefill.nixl_side_channel_port and decode.nixl_side_channel_port must differ "
                 f"(both are {self.decode.nixl_side_channel_port})"
@@ -164,14 +185,26 @@ class AppConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _gpu_settings_need_a_gpu(self) -> AppConfig:
-        if self.device == "cpu":
-            for phase in ("prefill", "decode"):
-                cfg: PhaseConfig = getattr(self, phase)
-                if cfg.sm_percentage is not None:
-                    raise ValueError(
-                        f"{phase}.sm_percentage is a CUDA MPS setting: it needs device: cuda"
-                    )
+    def _settings_match_the_device(self) -> AppConfig:
+        gpu_only = ("sm_percentage", "pinned_device_mem_limit", "gpu_memory_utilization")
+        cpu_only = ("cpu_cores", "cpu_kv_cache_gib")
+        wrong = cpu_only if self.device == "cuda" else gpu_only
+        for phase in self.engine_phases:
+            cfg: PhaseConfig = getattr(self, phase)
+            for name in wrong:
+                if getattr(cfg, name) is not None:
+                    other = "cpu" if self.device == "cuda" else "cuda"
+                    raise ValueError(f"{phase}.{name} applies to device: {other} only")
+            if cfg.gpu_memory_utilization is not None and cfg.kv_cache_memory_bytes is not None:
+                raise ValueError(
+                    f"{phase}.gpu_memory_utilization and {phase}.kv_cache_memory_bytes are "
+                    "exclusive: set one (a fixed KV pool, or a share of the card)"
+                )
+            if cfg.pinned_device_mem_limit is not None and cfg.sm_percentage is None:
+                raise ValueError(
+                    f"{phase}.pinned_device_mem_limit is an MPS limit: it needs "
+                    f"{phase}.sm_percentage (1..100) too"
+                )
         return self
 
     @model_validator(mode="after")
@@ -179,7 +212,7 @@ class AppConfig(_Strict):
         if self.device == "cuda" and self.start_order == "parallel":
             unpinned = [
                 phase
-                for phase in ("prefill", "decode")
+                for phase in self.engine_phases
                 if getattr(self, phase).kv_cache_memory_bytes is None
             ]
             if unpinned:

@@ -29,7 +29,7 @@ def engine_argv(cfg: AppConfig, role: str) -> list[str]:
         "model": model.source,
         "served_model_name": model.name,
         "dtype": model.dtype,
-        "kv_transfer_config": kv_transfer_config(cfg, role),
+        "kv_transfer_config": None if cfg.is_unified else kv_transfer_config(cfg, role),
         # Prefix caching on decode would make a cached prompt skip the NIXL read; the handoff
         # and its accounting stay exact without it. Users can turn it back on per phase.
         "enable_prefix_caching": False,
@@ -164,10 +164,22 @@ class Engine:
         return int(self._engine.model_config.max_model_len)
 
     async def create(self, endpoint: str, request: Any) -> Any:
-        """Run one OpenAI request: a response model, an `ErrorResponse`, or an SSE generator."""
-        if endpoint == "chat":
-            return await self._state.openai_serving_chat.create_chat_completion(request, None)
-        return await self._state.openai_serving_completion.create_completion(request, None)
+        """Run one OpenAI request: a response model, an `ErrorResponse`, or an SSE generator.
+
+        vLLM's HTTP layer turns the exceptions of request validation (prompt too long, bad
+        sampling parameters) into error responses; without that layer it is done here, with
+        vLLM's own mapping from exception to status.
+        """
+        from vllm.entrypoints.serve.exception_handling.error_response import (
+            create_error_response,
+        )
+
+        try:
+            if endpoint == "chat":
+                return await self._state.openai_serving_chat.create_chat_completion(request, None)
+            return await self._state.openai_serving_completion.create_completion(request, None)
+        except Exception as exc:  # noqa: BLE001 - becomes an OpenAI error with vLLM's status
+            return create_error_response(exc)
 
     async def list_models(self) -> dict[str, Any]:
         models = await self._state.openai_serving_models.show_available_models()

@@ -44,8 +44,8 @@ def kv_transfer_env(cfg: AppConfig, role: str) -> dict[str, str]:
     }
     if kv.progress_delay_us is not None:
         env["PD_SERVE_NIXL_PROGRESS_DELAY_US"] = str(kv.progress_delay_us)
-    if kv.ucx_tls:
-        env["UCX_TLS"] = GPU_UCX_TLS if kv.ucx_tls == "auto" else kv.ucx_tls
+    if kv.ucx_tls and kv.ucx_tls != "auto":
+        env["UCX_TLS"] = kv.ucx_tls
     elif cfg.device == "cuda":
         env["UCX_TLS"] = GPU_UCX_TLS
     if kv.side_channel_host.startswith("127."):

@@ -22,7 +22,7 @@ def phase_env(cfg: AppConfig, role: str) -> dict[str, str]:
     env.update(kv_transfer_env(cfg, role))
     if cfg.device == "cpu":
         env.update(_cpu_env(cfg, role))
-    elif phase.sm_percentage is not None:
+    elif phase.sm_percentage is not None or phase.pinned_device_mem_limit is not None:
         env.update(
             mps_env(
                 phase.sm_percentage,

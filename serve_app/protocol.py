@@ -52,9 +52,13 @@ class RequestError(Exception):
     """An OpenAI error for a caller of the Python handle API (HTTP callers get the JSON)."""
 
     def __init__(self, status_code: int, body: dict[str, Any]) -> None:
-        super().__init__(body.get("error", {}).get("message", str(body)))
+        # Both in args: Ray re-creates the exception in the caller from them.
+        super().__init__(status_code, body)
         self.status_code = status_code
         self.body = body
+
+    def __str__(self) -> str:
+        return f"{self.status_code}: {self.body.get('error', {}).get('message', self.body)}"
 
 
 def prepare_prefill_request(request: Any, request_id: str) -> Any:

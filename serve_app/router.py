@@ -89,6 +89,7 @@ async def _forward(first: str, stream: Any) -> AsyncIterator[str]:
 @serve.ingress(fastapi_app)
 class Router:
     def __init__(self, cfg: dict[str, Any], prefill: Any, decode: Any) -> None:
+        """`prefill` is None in unified mode: decode's engine then runs every whole request."""
         # vLLM's protocol models: imported here so the module itself stays light.
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -114,11 +115,10 @@ class Router:
 
     @fastapi_app.get("/health")
     async def http_health(self) -> Response:
+        servers = [s for s in (self.prefill, self.decode) if s is not None]
         try:
             await asyncio.wait_for(
-                asyncio.gather(
-                    self.prefill.check_health.remote(), self.decode.check_health.remote()
-                ),
+                asyncio.gather(*(server.check_health.remote() for server in servers)),
                 timeout=self.cfg.router.health_timeout_s,
             )
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
@@ -172,7 +172,7 @@ class Router:
             return request
         request_id = uuid.uuid4().hex
         result: PrefillResult | None = None
-        if can_disaggregate(request):
+        if self.prefill is not None and can_disaggregate(request):
             prefilled = await self._prefill(endpoint, request, request_id)
             if isinstance(prefilled, _Outcome):
                 return prefilled
@@ -191,7 +191,7 @@ class Router:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
             return _Outcome.error(400, f"{param}: {first['msg']}", "BadRequestError", param)
-        except ValueError as exc:  # vLLM's own validators (VLLMValidationError)
+        except Exception as exc:  # noqa: BLE001 - vLLM's own validators (VLLMValidationError)
             return _Outcome.error(400, str(exc), "BadRequestError", getattr(exc, "parameter", None))
         if request.model != self.cfg.model.name:
             return _Outcome.error(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -31,11 +32,13 @@ class _EngineServer:
         from serve_app.mps import preflight
 
         self.cfg = cfg
+        self.engine_start_began = time.time()
         if cfg.device == "cuda":
             phase = cfg.phase(self.role)
             preflight(phase.sm_percentage, cfg.mps.pipe_dir, cfg.mps.allow_unpartitioned)
         self.engine = Engine(cfg, self.role)
         await self.engine.start()
+        self.engine_ready_at = time.time()
 
     async def check_health(self) -> None:
         """Called by Serve every `health_check_period_s`; an engine error restarts the replica."""
@@ -49,7 +52,11 @@ class _EngineServer:
         return await self.engine.list_models()
 
     async def stats(self) -> dict[str, Any]:
-        return asdict(self.engine.stats)
+        return {
+            **asdict(self.engine.stats),
+            "engine_start_began": self.engine_start_began,
+            "engine_ready_at": self.engine_ready_at,
+        }
 
     async def leak_report(self) -> dict[str, Any]:
         """What the engine still holds: unfinished requests and whether every KV block is free."""
@@ -92,9 +99,9 @@ class PrefillServer(_EngineServer):
 class DecodeServer(_EngineServer):
     role = "decode"
 
-    async def __init__(self, cfg: dict[str, Any], prefill: Any) -> None:
+    async def __init__(self, cfg: dict[str, Any], prefill: Any = None) -> None:
         app_cfg = AppConfig.model_validate(cfg)
-        if app_cfg.start_order == "prefill_first":
+        if prefill is not None and app_cfg.start_order == "prefill_first":
             logger.info("decode waits for the prefill engine to start first")
             await asyncio.wait_for(prefill.wait_started.remote(), timeout=START_WAIT_S)
         await self._start_engine(app_cfg)

@@ -39,6 +39,9 @@ def app_args(**overrides: Any) -> dict[str, Any]:
     config = yaml.safe_load((ROOT / "configs" / "local-cpu.yaml").read_text())
     args = config["applications"][0]["args"]
     args["model"]["source"] = str(TINY_MODEL)
+    # Ports of their own, so a `serve run` of the shipped config can run beside the tests.
+    args["prefill"]["nixl_side_channel_port"] = 5620
+    args["decode"]["nixl_side_channel_port"] = 5630
     for key, value in overrides.items():
         args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
     return args
@@ -78,7 +81,7 @@ def http_port(ray_cluster: None) -> int:
     return port
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pd_app(tiny_model: Path, http_port: int) -> Iterator[dict[str, Any]]:
     """The disaggregated app, running; yields its handles and base URL."""
     from ray import serve

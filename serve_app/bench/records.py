@@ -1,0 +1,128 @@
+"""Per-request records and the results JSON files written by `run` and `sweep`.
+
+A results file is one JSON object:
+
+- `kind: "run"`: `label`, `command`, `config`, `started_at`, `request_rate`, `duration_s`,
+  `summary`, `records`.
+- `kind: "sweep"`: `label`, `command`, `config`, `started_at`, `goodput`, and `runs`, a list of
+  objects shaped like a "run" file without the top-level `label`/`command`/`config`.
+
+Times inside records are seconds (`*_s`); summaries use milliseconds (`*_ms`). An unlimited
+request rate is stored as `null`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """What one request did, as seen by the client.
+
+    `scheduled_s` is when the arrival process released the request and `start_s` when it was
+    sent (later than `scheduled_s` only while waiting for a concurrency slot); both are relative
+    to the start of the run. `ttft_s` and `e2e_s` count from `start_s`. `itl_s` holds the gap
+    between each pair of successive content chunks. `error` is `None` on success.
+    """
+
+    request_id: str
+    scheduled_s: float = 0.0
+    start_s: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int = 0
+    expected_output_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def is_success(self) -> bool:
+        return self.error is None
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(E2E - TTFT) / (output_tokens - 1); undefined for failures and single-token outputs."""
+        if not self.is_success or self.output_tokens <= 1:
+            return None
+        if self.ttft_s is None or self.e2e_s is None:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
+        known = {name for name in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+@dataclass
+class RunResult:
+    """One load run of one system, as loaded back from a results file."""
+
+    label: str
+    request_rate: float | None
+    duration_s: float
+    summary: dict[str, Any]
+    records: list[RequestRecord]
+
+    @property
+    def x_rate(self) -> float:
+        """Rate for plotting: the offered rate, or the achieved one for unlimited-rate runs."""
+        if self.request_rate is not None:
+            return self.request_rate
+        return float(self.summary.get("request_throughput_rps") or 0.0)
+
+
+def rate_to_json(rate: float) -> float | None:
+    return None if math.isinf(rate) else rate
+
+
+def run_payload(
+    request_rate: float, duration_s: float, summary: dict[str, Any], records: list[RequestRecord]
+) -> dict[str, Any]:
+    """The part of a results file that describes one run."""
+    return {
+        "request_rate": rate_to_json(request_rate),
+        "duration_s": duration_s,
+        "summary": summary,
+        "records": [record.to_dict() for record in records],
+    }
+
+
+def save_json(path: str | Path, payload: dict[str, Any]) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+
+
+def load_runs(path: str | Path) -> list[RunResult]:
+    """Every run in a results file ("run" or "sweep"), labelled with the file's label."""
+    data = json.loads(Path(path).read_text())
+    label = str(data.get("label") or Path(path).stem)
+    raw_runs = data["runs"] if data.get("kind") == "sweep" else [data]
+    return [_run_from_dict(label, raw) for raw in raw_runs]
+
+
+def load_goodput(path: str | Path) -> float | None:
+    """The goodput stored in a sweep file, or `None` for run files and sweeps with none."""
+    data = json.loads(Path(path).read_text())
+    goodput = data.get("goodput") or {}
+    return goodput.get("goodput_rps")
+
+
+def _run_from_dict(label: str, raw: dict[str, Any]) -> RunResult:
+    return RunResult(
+        label=label,
+        request_rate=raw.get("request_rate"),
+        duration_s=float(raw.get("duration_s") or 0.0),
+        summary=raw.get("summary") or {},
+        records=[RequestRecord.from_dict(item) for item in raw.get("records", [])],
+    )

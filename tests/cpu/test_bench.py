@@ -1,0 +1,270 @@
+"""Benchmark arithmetic without any server: percentiles, summary, SLOs, goodput, arrivals, prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from serve_app.bench.arrivals import arrival_offsets, inter_arrival_times
+from serve_app.bench.records import RequestRecord
+from serve_app.bench.stats import SLO, find_goodput, percentile, slo_attainment, summarize
+from serve_app.bench.sweep import bisect_rate
+from serve_app.bench.workload import (
+    DatasetPrompts,
+    SyntheticPrompts,
+    WordText,
+    WorkloadConfig,
+    load_dataset,
+    parse_len_range,
+)
+
+TINY_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
+
+
+def fixed_records() -> list[RequestRecord]:
+    """Four successes and one failure with round numbers (seconds)."""
+    return [
+        RequestRecord("r1", ttft_s=0.1, e2e_s=0.5, output_tokens=5, itl_s=[0.1] * 4),
+        RequestRecord("r2", ttft_s=0.2, e2e_s=0.8, output_tokens=4, itl_s=[0.2] * 3),
+        RequestRecord("r3", ttft_s=0.3, e2e_s=1.2, output_tokens=10, itl_s=[0.1] * 9),
+        RequestRecord("r4", ttft_s=0.4, e2e_s=0.4, output_tokens=1),
+        RequestRecord("r5", e2e_s=0.05, error="HTTP 400: bad"),
+    ]
+
+
+# percentiles ----------------------------------------------------------------------------------
+
+
+def test_percentile_linear_interpolation_by_hand() -> None:
+    # h = (n - 1) * q / 100 over sorted values, then interpolate between x[floor h] and the next.
+    assert percentile([10, 20, 30, 40], 50) == pytest.approx(25.0)
+    assert percentile([40, 10, 30, 20], 90) == pytest.approx(37.0)
+    assert percentile([10, 20, 30, 40], 99) == pytest.approx(39.7)
+    assert percentile([10, 20, 30, 40], 0) == 10
+    assert percentile([10, 20, 30, 40], 100) == 40
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_percentile_matches_numpy_default() -> None:
+    values = list(np.random.default_rng(3).lognormal(size=101))
+    for q in (0, 1, 25, 50, 90, 99, 99.9, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_summary_of_fixed_records() -> None:
+    summary = summarize(fixed_records(), duration_s=2.0)
+    assert summary["num_requests"] == 5
+    assert summary["num_completed"] == 4
+    assert summary["num_errors"] == 1
+    assert summary["errors"] == {"HTTP 400: bad": 1}
+    # TTFT of the successes, ms: 100, 200, 300, 400.
+    assert summary["ttft_ms"]["mean"] == pytest.approx(250.0)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(250.0)
+    assert summary["ttft_ms"]["p90"] == pytest.approx(370.0)
+    assert summary["ttft_ms"]["p99"] == pytest.approx(397.0)
+    # TPOT = (E2E - TTFT) / (out - 1): r1 400/4 = 100, r2 600/3 = 200, r3 900/9 = 100; r4 has none.
+    assert summary["tpot_ms"]["count"] == 3
+    assert summary["tpot_ms"]["mean"] == pytest.approx(400 / 3)
+    assert summary["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert summary["tpot_ms"]["p90"] == pytest.approx(180.0)
+    assert summary["tpot_ms"]["p99"] == pytest.approx(198.0)
+    # ITL pooled: thirteen gaps of 100 ms and three of 200 ms.
+    assert summary["itl_ms"]["count"] == 16
+    assert summary["itl_ms"]["mean"] == pytest.approx(118.75)
+    assert summary["itl_ms"]["p50"] == pytest.approx(100.0)
+    assert summary["itl_ms"]["p90"] == pytest.approx(200.0)
+    # E2E of the successes, ms: 400, 500, 800, 1200.
+    assert summary["e2e_ms"]["mean"] == pytest.approx(725.0)
+    assert summary["e2e_ms"]["p50"] == pytest.approx(650.0)
+    assert summary["e2e_ms"]["p90"] == pytest.approx(1080.0)
+    assert summary["e2e_ms"]["p99"] == pytest.approx(1188.0)
+    assert summary["request_throughput_rps"] == pytest.approx(2.0)
+    assert summary["output_token_throughput_tps"] == pytest.approx(10.0)
+    assert summary["slo_attainment"] is None
+
+
+def test_summary_without_successes_has_empty_stats() -> None:
+    summary = summarize([RequestRecord("x", e2e_s=0.1, error="boom")], duration_s=1.0)
+    assert summary["ttft_ms"] == {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None}
+    assert summary["request_throughput_rps"] == 0.0
+
+
+# SLO attainment and goodput ----------------------------------------------------------------------
+
+
+def test_slo_attainment_counts_failures_as_misses() -> None:
+    records = fixed_records()
+    # Both SLOs: only r1 (TTFT 100, TPOT 100) meets TTFT <= 250 and TPOT <= 150.
+    assert slo_attainment(records, SLO(ttft_ms=250, tpot_ms=150)) == pytest.approx(0.2)
+    # TTFT only: r1, r2, r3.
+    assert slo_attainment(records, SLO(ttft_ms=350)) == pytest.approx(0.6)
+    # TPOT only: r1, r3, and r4, whose single token has no TPOT to miss.
+    assert slo_attainment(records, SLO(tpot_ms=150)) == pytest.approx(0.6)
+    # The boundary counts as met.
+    assert slo_attainment(records, SLO(ttft_ms=100, tpot_ms=100)) == pytest.approx(0.2)
+    assert slo_attainment(records, SLO()) is None
+    summary = summarize(records, duration_s=2.0, slo=SLO(ttft_ms=250, tpot_ms=150))
+    assert summary["slo_attainment"] == pytest.approx(0.2)
+    assert summary["slo_goodput_rps"] == pytest.approx(0.5)
+
+
+def records_with_attainment(num_met: int, num_total: int) -> list[RequestRecord]:
+    met = [RequestRecord(f"m{i}", ttft_s=0.1, e2e_s=0.2, output_tokens=2) for i in range(num_met)]
+    missed = [
+        RequestRecord(f"x{i}", ttft_s=2.0, e2e_s=2.1, output_tokens=2)
+        for i in range(num_total - num_met)
+    ]
+    return met + missed
+
+
+def test_goodput_is_highest_rate_before_first_miss() -> None:
+    slo = SLO(ttft_ms=500, tpot_ms=500)
+    runs = [
+        (8.0, records_with_attainment(92, 100)),
+        (1.0, records_with_attainment(100, 100)),
+        (2.0, records_with_attainment(90, 100)),  # exactly the target: passes
+        (4.0, records_with_attainment(85, 100)),
+    ]
+    result = find_goodput(runs, slo, target=0.9)
+    assert result.goodput_rps == 2.0
+    assert result.attainment_by_rate == [(1.0, 1.0), (2.0, 0.9), (4.0, 0.85), (8.0, 0.92)]
+    assert find_goodput(runs, slo, target=0.9, require_all_lower=False).goodput_rps == 8.0
+    assert find_goodput(runs, slo, target=0.99).goodput_rps == 1.0
+
+
+def test_goodput_none_when_every_rate_misses() -> None:
+    runs = [(1.0, records_with_attainment(5, 10)), (2.0, records_with_attainment(1, 10))]
+    assert find_goodput(runs, SLO(ttft_ms=500)).goodput_rps is None
+    with pytest.raises(ValueError):
+        find_goodput(runs, SLO())
+
+
+async def test_bisect_rate_narrows_to_threshold() -> None:
+    measured: list[float] = []
+
+    async def measure(rate: float) -> float:
+        measured.append(rate)
+        return 1.0 if rate <= 5.3 else 0.5
+
+    passing, failing = await bisect_rate(measure, 4.0, 8.0, target=0.9, num_steps=6)
+    assert measured[:2] == [6.0, 5.0]
+    assert passing <= 5.3 < failing
+    assert failing - passing == pytest.approx(4.0 / 2**6)
+
+
+# arrivals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arrival", "burstiness", "expected_cv"),
+    [("poisson", 1.0, 1.0), ("poisson", 0.3, 1.0), ("gamma", 0.5, 2**0.5), ("gamma", 4.0, 0.5)],
+)
+def test_inter_arrival_statistics(arrival: str, burstiness: float, expected_cv: float) -> None:
+    gaps = inter_arrival_times(40_000, rate=4.0, arrival=arrival, burstiness=burstiness, seed=7)
+    assert gaps.mean() == pytest.approx(0.25, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(expected_cv, rel=0.05)
+
+
+def test_arrivals_are_seeded_and_start_at_zero() -> None:
+    first = arrival_offsets(2.0, "gamma", 0.5, seed=11)
+    again = arrival_offsets(2.0, "gamma", 0.5, seed=11)
+    offsets = [next(first) for _ in range(50)]
+    assert offsets == [next(again) for _ in range(50)]
+    assert offsets[0] == 0.0
+    assert all(later > earlier for earlier, later in zip(offsets, offsets[1:], strict=False))
+    unlimited = arrival_offsets(float("inf"))
+    assert [next(unlimited) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert not inter_arrival_times(3, float("inf")).any()
+
+
+@pytest.mark.parametrize(
+    ("rate", "arrival", "burstiness"), [(0, "poisson", 1), (1, "x", 1), (1, "gamma", 0)]
+)
+def test_arrivals_reject_bad_settings(rate: float, arrival: str, burstiness: float) -> None:
+    with pytest.raises(ValueError):
+        inter_arrival_times(1, rate, arrival, burstiness)
+
+
+# prompts ------------------------------------------------------------------------------------------
+
+
+def test_dataset_jsonl_parsing(tmp_path: Path) -> None:
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "be brief"},
+                {"from": "human", "value": "what is prefill"},
+                {"from": "gpt", "value": "it reads the prompt once"},
+                {"from": "human", "value": "ignored later turn"},
+            ]
+        },
+        {"prompt": "plain prompt", "output_len": 7},
+        {
+            "conversations": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "a b"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "no reply"}]},
+        {"prompt": "", "output_len": 3},
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n\n")
+    prompts = load_dataset(path, WordText())
+    assert [(p.text, p.output_len) for p in prompts] == [
+        ("what is prefill", 5),
+        ("plain prompt", 7),
+        ("hi", 2),
+    ]
+    forced = load_dataset(path, WordText(), forced_output_len=3)
+    assert [p.output_len for p in forced] == [3, 3, 3, 3]
+    array_path = tmp_path / "data.json"
+    array_path.write_text(json.dumps(rows))
+    assert load_dataset(array_path, WordText()) == prompts
+
+
+def test_dataset_prompts_cycle_in_seeded_order(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "output_len": 1}) + "\n" for i in range(3))
+    )
+    source = DatasetPrompts(load_dataset(path, WordText()), seed=1)
+    first_pass = [source.get(i).text for i in range(3)]
+    assert sorted(first_pass) == ["p0", "p1", "p2"]
+    assert [source.get(i).text for i in range(3, 6)] == first_pass
+
+
+def test_synthetic_prompts_lengths_and_reproducibility() -> None:
+    config = WorkloadConfig(input_len=12, output_len=5, seed=4)
+    source = SyntheticPrompts(config, WordText())
+    prompt = source.get(0)
+    assert len(prompt.text.split()) == 12
+    assert prompt.output_len == 5
+    assert source.get(0) == prompt
+    assert source.get(1).text != prompt.text
+    ranged = SyntheticPrompts(
+        WorkloadConfig(input_len_range=(3, 6), output_len_range=(2, 4), seed=4), WordText()
+    )
+    samples = [ranged.get(i) for i in range(200)]
+    assert {len(p.text.split()) for p in samples} == {3, 4, 5, 6}
+    assert {p.output_len for p in samples} == {2, 3, 4}
+    assert parse_len_range("3:6") == (3, 6)
+    for bad in ("6:3", "0:2", "5"):
+        with pytest.raises(ValueError):
+            parse_len_range(bad)
+
+
+@pytest.mark.skipif(not TINY_MODEL.exists(), reason="run `python -m serve_app.tiny_model` first")
+def test_tokenizer_prompts_have_exact_token_counts() -> None:
+    from serve_app.bench.workload import TokenizerText
+
+    maker = TokenizerText(str(TINY_MODEL))
+    for length in (1, 7, 64, 300):
+        for index in range(5):
+            text = maker.make(length, np.random.default_rng([index, length]))
+            assert len(maker.tokenizer.encode(text)) == length
