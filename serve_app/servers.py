@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -56,6 +57,7 @@ class _EngineServer:
             **asdict(self.engine.stats),
             "engine_start_began": self.engine_start_began,
             "engine_ready_at": self.engine_ready_at,
+            "pid": os.getpid(),
         }
 
     async def leak_report(self) -> dict[str, Any]:

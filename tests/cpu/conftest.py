@@ -59,6 +59,7 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # a new cluster of our own, never one left in /tmp/ray
         num_gpus=1,
         num_cpus=2,
         _node_ip_address="127.0.0.1",

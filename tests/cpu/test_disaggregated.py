@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.cpu.conftest import MODEL_NAME, TINY_MODEL
@@ -272,3 +273,20 @@ def test_no_request_or_block_left_after_the_suite(pd_app: dict[str, Any]) -> Non
     reports = wait_until_released(pd_app)
     for role, report in reports.items():
         assert report == {"num_unfinished_requests": 0, "all_blocks_free": True}, role
+
+
+def test_prefill_engine_death_falls_back_to_decode(
+    pd_app: dict[str, Any], client: openai.OpenAI
+) -> None:
+    """Last in the module: it kills the prefill engine (Serve restarts the replica later)."""
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0.0,
+            "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+    expected = client.completions.create(**body).choices[0].token_ids
+    replica = psutil.Process(stats(pd_app, "prefill")["pid"])
+    cores = [p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    assert cores
+    for core in cores:
+        core.kill()
+    time.sleep(3)
+    response = client.with_options(timeout=120).completions.create(**body)
+    assert response.choices[0].token_ids == expected
