@@ -378,3 +378,12 @@ def test_vllm_parses_the_local_cpu_engine_args() -> None:
     assert kv["kv_buffer_device"] == "cpu"
     unified = AppConfig.model_validate(app_args(mode="unified"))
     assert parse_engine_args(engine_argv(unified, "decode")).kv_transfer_config is None
+
+
+def test_invalid_config_fails_at_build_time_naming_the_field() -> None:
+    with pytest.raises(ValidationError, match=r"prefill\.num_gpus \+ decode\.num_gpus = 1\.1"):
+        build_app(app_args(prefill={"num_gpus": 0.9}, decode={"num_gpus": 0.2}))
+    with pytest.raises(ValidationError, match=r"decode\.sm_percentage"):
+        build_app(gpu_args(decode={"sm_percentage": 150}))
+    with pytest.raises(ValidationError, match=r"kv_transfer\.lease_duration_s"):
+        build_app(app_args(kv_transfer={"lease_duration_s": 1}))

@@ -1,0 +1,204 @@
+"""Start each system in turn on this machine, run the same workloads on each, compare.
+
+    python -m serve_app.bench.side_by_side --out bench/results/cpu
+
+Systems (each serves the same model on http://127.0.0.1:PORT and is stopped, by PID, before the
+next one starts, so they never compete for the machine):
+
+- `unified`: one vLLM engine with chunked prefill behind this app's Router (the baseline),
+- `pd`: this app, prefill and decode engines with the NIXL handoff,
+- `ray-pd`: Ray Serve LLM's own `build_pd_openai_app` with the same engines and NIXL settings,
+- `direct`: two plain vLLM OpenAI servers and a bare proxy (the floor for router overhead).
+
+Workloads (streaming completions, fixed prompt and output lengths, `ignore_eos`): concurrency 1
+(added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). Every
+number comes from `python -m serve_app.bench`, whose exact commands are written next to results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "tiny-llama"
+MODEL_NAME = "tiny-llama"
+PORT = 8000
+
+
+@dataclass(frozen=True)
+class System:
+    label: str
+    argv: list[str]
+    description: str
+
+
+def systems() -> dict[str, System]:
+    py = sys.executable
+    model = ["--port", str(PORT), "--model", str(MODEL_DIR), "--served-model-name", MODEL_NAME]
+    return {
+        s.label: s
+        for s in (
+            System("unified", ["scripts/serve-local", "configs/unified-cpu.yaml"],
+                   "one vLLM engine, chunked prefill, behind this app's Router"),
+            System("pd", ["scripts/serve-local", "configs/local-cpu.yaml"],
+                   "this app: Router -> PrefillServer -> DecodeServer, NIXL handoff"),
+            System("ray-pd", [py, "-m", "serve_app.bench.ray_llm_pd", *model],
+                   "Ray Serve LLM build_pd_openai_app, same engines and NIXL settings"),
+            System("direct", [py, "-m", "serve_app.bench.direct_pd", *model],
+                   "two vLLM OpenAI servers + a bare proxy (floor for router overhead)"),
+        )
+    }
+
+
+def start(system: System, log_path: Path, timeout_s: float) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = log_path.open("w")
+    proc = subprocess.Popen(system.argv, cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system.label} exited early; see {log_path}")
+        if _models_ready():
+            return proc
+        time.sleep(3)
+    stop(proc)
+    raise TimeoutError(f"{system.label} did not answer in {timeout_s:.0f} s; see {log_path}")
+
+
+def _models_ready() -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the system's process group leader, then SIGKILL the group if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(3)  # let Ray's workers go before the next system binds the same ports
+
+
+def bench(args: list[str], log: Path) -> list[str]:
+    command = [sys.executable, "-m", "serve_app.bench", *args]
+    with log.open("a") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
+    return command
+
+
+def run_workloads(label: str, opts: argparse.Namespace, out: Path) -> list[list[str]]:
+    common = [
+        "--base-url", f"http://127.0.0.1:{PORT}", "--model", MODEL_NAME,
+        "--input-len", str(opts.input_len), "--output-len", str(opts.output_len),
+        "--tokenizer", str(MODEL_DIR), "--label", label, "--no-progress",
+        "--slo-ttft-ms", str(opts.slo_ttft_ms), "--slo-tpot-ms", str(opts.slo_tpot_ms),
+    ]
+    log = out / f"{label}.bench.log"
+    bench(["run", *common, "--concurrency", "2", "--num-requests", "6"], log)  # warm-up
+    return [
+        bench(["run", *common, "--concurrency", "1", "--num-requests", str(opts.num_c1),
+               "--save", str(out / f"{label}-c1.json")], log),
+        bench(["run", *common, "--concurrency", "8", "--num-requests", str(opts.num_c8),
+               "--save", str(out / f"{label}-c8.json")], log),
+        bench(["sweep", *common, "--rates", opts.rates, "--num-requests", str(opts.num_per_rate),
+               "--save", str(out / f"{label}-sweep.json")], log),
+    ]
+
+
+def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], argv: list[str]):
+    baseline = labels[0]
+    sections = []
+    for kind, extra in (("c1", []), ("c8", []), ("sweep", [])):
+        files = [str(out / f"{label}-{kind}.json") for label in labels]
+        table = subprocess.run(
+            [sys.executable, "-m", "serve_app.bench", "compare", *files, "--baseline", baseline,
+             *extra],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout
+        sections.append((kind, table))
+    subprocess.run(
+        [sys.executable, "-m", "serve_app.bench", "plot",
+         *[str(out / f"{label}-sweep.json") for label in labels], "--out", str(out / "plots")],
+        cwd=ROOT, check=True, capture_output=True,
+    )
+    (out / "commands.json").write_text(json.dumps({"side_by_side": argv, **commands}, indent=2))
+    return sections
+
+
+def write_summary(out: Path, opts: argparse.Namespace, sections, argv: list[str]) -> None:
+    titles = {"c1": "Concurrency 1 (added latency)", "c8": "Concurrency 8 (throughput)",
+              "sweep": "Rate sweep (highest rate; goodput in the sweep files)"}
+    lines = [
+        "# Side-by-side benchmark", "",
+        f"Command: `python -m serve_app.bench.side_by_side {' '.join(argv)}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+        f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens (ignore_eos), "
+        f"streaming /v1/completions, tiny random-weight Llama; SLO TTFT {opts.slo_ttft_ms} ms, "
+        f"TPOT {opts.slo_tpot_ms} ms. Ratios are each system over the first one, same run.", "",
+        "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems().values()
+                      if s.label in opts.systems.split(",")], "",
+    ]
+    for kind, table in sections:
+        lines += [f"## {titles[kind]}", "", "```", table.rstrip(), "```", ""]
+    lines += ["Plots: `plots/`. Raw per-request records: `*-c1.json`, `*-c8.json`, "
+              "`*-sweep.json`. Exact bench commands: `commands.json`.", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu")
+    parser.add_argument("--systems", default="unified,pd,ray-pd,direct",
+                        help="comma-separated, first is the baseline of the ratios")
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--num-c1", type=int, default=30)
+    parser.add_argument("--num-c8", type=int, default=80)
+    parser.add_argument("--rates", default="2,4,8,16")
+    parser.add_argument("--num-per-rate", type=int, default=40)
+    parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    parser.add_argument("--start-timeout-s", type=float, default=900.0)
+    opts = parser.parse_args(argv)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    catalog = systems()
+    labels = opts.systems.split(",")
+    commands: dict[str, list[list[str]]] = {}
+    for label in labels:
+        system = catalog[label]
+        print(f"[{label}] starting: {' '.join(system.argv)}", flush=True)
+        proc = start(system, opts.out / f"{label}.server.log", opts.start_timeout_s)
+        try:
+            print(f"[{label}] running workloads", flush=True)
+            commands[label] = run_workloads(label, opts, opts.out)
+        finally:
+            stop(proc)
+    sections = report(labels, opts.out, commands, argv)
+    write_summary(opts.out, opts, sections, argv)
+    for kind, table in sections:
+        print(f"\n== {kind} ==\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
