@@ -5,23 +5,15 @@
 # Never touches GPU compute mode, clocks or MIG.
 set -euo pipefail
 
-PIPE_DIR="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/pd-serve-mps/pipe}"
-LOG_DIR="${CUDA_MPS_LOG_DIRECTORY:-/tmp/pd-serve-mps/log}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 START_TIMEOUT_S="${MPS_START_TIMEOUT_S:-10}"
-QUERY_TIMEOUT_S="${MPS_QUERY_TIMEOUT_S:-5}"
-export CUDA_MPS_PIPE_DIRECTORY="$PIPE_DIR" CUDA_MPS_LOG_DIRECTORY="$LOG_DIR"
+export CUDA_MPS_LOG_DIRECTORY="$LOG_DIR"
 
-require_control_binary() {
-  if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-    echo "error: nvidia-cuda-mps-control not found on PATH; it ships with the NVIDIA driver" \
-      "(nvidia-utils / nvidia-compute-utils): run this on a GPU node with the driver installed" >&2
-    exit 2
-  fi
-}
 
 daemon_answers() {
-  [[ -p "$PIPE_DIR/control" ]] || return 1
-  echo get_server_list | timeout "$QUERY_TIMEOUT_S" nvidia-cuda-mps-control >/dev/null 2>&1
+  server_list >/dev/null
 }
 
 show_log_tail() {

@@ -5,23 +5,11 @@
 # 2 nvidia-cuda-mps-control not found.
 set -euo pipefail
 
-PIPE_DIR="${CUDA_MPS_PIPE_DIRECTORY:-/tmp/pd-serve-mps/pipe}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 STOP_TIMEOUT_S="${MPS_STOP_TIMEOUT_S:-30}"
-QUERY_TIMEOUT_S="${MPS_QUERY_TIMEOUT_S:-5}"
-export CUDA_MPS_PIPE_DIRECTORY="$PIPE_DIR"
 
-require_control_binary() {
-  if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
-    echo "error: nvidia-cuda-mps-control not found on PATH; it ships with the NVIDIA driver" \
-      "(nvidia-utils / nvidia-compute-utils): run this on a GPU node with the driver installed" >&2
-    exit 2
-  fi
-}
-
-server_list() {
-  [[ -p "$PIPE_DIR/control" ]] || return 1
-  echo get_server_list | timeout "$QUERY_TIMEOUT_S" nvidia-cuda-mps-control 2>/dev/null
-}
 
 # The daemon writes its pid next to the control pipe; /proc works whoever owns the process.
 daemon_alive() {
