@@ -67,8 +67,10 @@ def build_payload(config: ClientConfig, prompt: Prompt) -> dict[str, Any]:
         "temperature": config.temperature,
     }
     if config.ignore_eos:
-        # vLLM takes these as extra fields; together they pin the output length exactly.
-        body.update(ignore_eos=True, min_tokens=prompt.output_len)
+        # vLLM takes it as an extra field; with max_tokens it pins the output length exactly.
+        # No min_tokens: Ray Serve LLM's PD app forwards it to its max_tokens=1 prefill and
+        # rejects the request (HTTP 400), which would leave that system out of comparisons.
+        body["ignore_eos"] = True
     if config.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt.text}]
     else:

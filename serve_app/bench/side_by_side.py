@@ -139,7 +139,9 @@ def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], a
          *[str(out / f"{label}-sweep.json") for label in labels], "--out", str(out / "plots")],
         cwd=ROOT, check=True, capture_output=True,
     )
-    (out / "commands.json").write_text(json.dumps({"side_by_side": argv, **commands}, indent=2))
+    commands_file = out / "commands.json"
+    earlier = json.loads(commands_file.read_text()) if commands_file.exists() else {}
+    commands_file.write_text(json.dumps({**earlier, "side_by_side": argv, **commands}, indent=2))
     return sections
 
 
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="keep a system's results from an earlier run of the same command")
     opts = parser.parse_args(argv)
     opts.out.mkdir(parents=True, exist_ok=True)
     catalog = systems()
@@ -186,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, list[list[str]]] = {}
     for label in labels:
         system = catalog[label]
+        if opts.skip_existing and all(
+            (opts.out / f"{label}-{kind}.json").exists() for kind in ("c1", "c8", "sweep")
+        ):
+            print(f"[{label}] results exist, not rerun (--skip-existing)", flush=True)
+            continue
         print(f"[{label}] starting: {' '.join(system.argv)}", flush=True)
         proc = start(system, opts.out / f"{label}.server.log", opts.start_timeout_s)
         try:

@@ -275,6 +275,28 @@ def test_no_request_or_block_left_after_the_suite(pd_app: dict[str, Any]) -> Non
         assert report == {"num_unfinished_requests": 0, "all_blocks_free": True}, role
 
 
+def test_bench_load_generator_against_the_app(pd_app: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "-m", "serve_app.bench", "run", "--base-url", pd_app["base_url"],
+         "--model", MODEL_NAME, "--tokenizer", str(TINY_MODEL), "--input-len", "64",
+         "--output-len", "8", "--concurrency", "2", "--num-requests", "6", "--no-progress",
+         "--slo-ttft-ms", "10000", "--slo-tpot-ms", "10000", "--label", "pd", "--save", str(out)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    results = json.loads(out.read_text())
+    records = results["records"]
+    assert len(records) == 6
+    for record in records:
+        assert record["error"] is None
+        assert record["prompt_tokens"] == 64
+        assert record["output_tokens"] == 8
+        assert 0 < record["ttft_s"] <= record["e2e_s"]
+        assert len(record["itl_s"]) >= 1
+    summary = results["summary"]
+    assert summary["slo_attainment"] == 1.0
+
+
 def test_prefill_engine_death_falls_back_to_decode(
     pd_app: dict[str, Any], client: openai.OpenAI
 ) -> None:
