@@ -75,7 +75,7 @@ class _Outcome:
 
 
 async def _forward(first: str, stream: Any) -> AsyncIterator[str]:
-    """Yield decode's SSE events; cancel decode's stream if the client goes away."""
+    """Yield decode's SSE text; cancel decode's stream if the client goes away."""
     try:
         yield first
         async for event in stream:
@@ -153,10 +153,11 @@ class Router:
         outcome = await self._run(endpoint, {**body, "stream": True})
         if outcome.stream is None:
             raise RequestError(outcome.status, outcome.body or {})
-        async for event in outcome.stream:
-            data = event.removeprefix("data: ").strip()
-            if data and data != "[DONE]":
-                yield json.loads(data)
+        async for text in outcome.stream:
+            for event in text.split("\n\n"):
+                data = event.removeprefix("data: ").strip()
+                if data and data != "[DONE]":
+                    yield json.loads(data)
 
     async def _unary(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
         outcome = await self._run(endpoint, {**body, "stream": False})

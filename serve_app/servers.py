@@ -20,6 +20,7 @@ from ray import serve
 
 from serve_app.config import AppConfig
 from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
+from serve_app.streams import coalesce_ready
 
 logger = logging.getLogger("ray.serve")
 START_WAIT_S = 1800.0
@@ -109,7 +110,8 @@ class DecodeServer(_EngineServer):
         await self._start_engine(app_cfg)
 
     async def generate(self, endpoint: Endpoint, request: Any) -> AsyncIterator[Any]:
-        """Stream one request: SSE event strings, or one response / `ErrorResponse` object.
+        """Stream one request: SSE text (one or more events per item), or one response /
+        `ErrorResponse` object.
 
         Closing this generator (client gone, router cancelled) closes vLLM's, which aborts the
         request in the engine and frees its blocks.
@@ -118,11 +120,13 @@ class DecodeServer(_EngineServer):
         if not hasattr(result, "__aiter__"):
             yield result
             return
+        # Events that pile up while the hops to the client are busy travel as one item.
+        events = coalesce_ready(result)
         try:
-            async for event in result:
-                yield event
+            async for text in events:
+                yield text
         finally:
-            await result.aclose()
+            await events.aclose()
 
     async def release_remote_kv(self, request_id: str, params: KVTransferParams) -> None:
         """Free prefill's blocks for a request that will never decode (client left between)."""

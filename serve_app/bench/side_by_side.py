@@ -8,7 +8,10 @@ next one starts, so they never compete for the machine):
 - `unified`: one vLLM engine with chunked prefill behind this app's Router (the baseline),
 - `pd`: this app, prefill and decode engines with the NIXL handoff,
 - `ray-pd`: Ray Serve LLM's own `build_pd_openai_app` with the same engines and NIXL settings,
-- `direct`: two plain vLLM OpenAI servers and a bare proxy (the floor for router overhead).
+- `direct` (opt-in): two plain vLLM OpenAI servers and a bare proxy, meant as the floor for
+  router overhead. On the 2-core CPU machine its first full run measured TTFT P50 ~760 ms at
+  concurrency 1 (KV transfers ~2 ms each, so the time goes elsewhere, not yet found): not a
+  floor there, so it is left out of the default run until that is understood.
 
 Workloads (streaming completions, fixed prompt and output lengths, `ignore_eos`): concurrency 1
 (added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). Every
@@ -170,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu")
-    parser.add_argument("--systems", default="unified,pd,ray-pd,direct",
-                        help="comma-separated, first is the baseline of the ratios")
+    parser.add_argument("--systems", default="unified,pd,ray-pd",
+                        help="comma-separated, first is the baseline of the ratios; `direct` "
+                        "is opt-in (see the module docstring)")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--num-c1", type=int, default=30)
