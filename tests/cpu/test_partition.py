@@ -62,6 +62,14 @@ def env_of(deployment: Any) -> dict[str, str]:
 # --- building binds, it does not start anything ---------------------------------------------
 
 
+def run_in_fresh_interpreter(script: str) -> None:
+    """Run `script` in a new Python process (clean `sys.modules`, no Ray); it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_build_app_does_not_start_ray() -> None:
     script = (
         "import ray\n"
@@ -70,10 +78,7 @@ def test_build_app_does_not_start_ray() -> None:
         "build_app(app_args())\n"
         "assert not ray.is_initialized(), 'build_app started Ray'\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    run_in_fresh_interpreter(script)
 
 
 def test_disaggregated_graph_is_router_prefill_decode() -> None:
@@ -358,10 +363,7 @@ def test_engine_module_imports_no_vllm() -> None:
         "engine_argv(AppConfig(), 'prefill')\n"
         "assert 'vllm' not in sys.modules, 'serve_app.engine imported vLLM'\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    run_in_fresh_interpreter(script)
 
 
 def test_vllm_parses_the_local_cpu_engine_args() -> None:
