@@ -1,4 +1,4 @@
-"""Command line: `python -m serve_app.bench {run,sweep,plot,compare} ...`.
+"""Command line: `python -m serve_app.bench {run,sweep,plot,compare,pool} ...`.
 
     python -m serve_app.bench run --model M --request-rate 4 --num-requests 200 \\
         --input-len 256 --output-len 32 --slo-ttft-ms 200 --slo-tpot-ms 50 --label pd --save pd.json
@@ -6,6 +6,7 @@
         --slo-ttft-ms 200 --slo-tpot-ms 50 --label pd --save pd_sweep.json
     python -m serve_app.bench plot pd_sweep.json unified_sweep.json --out plots/
     python -m serve_app.bench compare unified_sweep.json pd_sweep.json --baseline unified
+    python -m serve_app.bench pool pd.r1.json pd.r2.json pd.r3.json --save pd.json
 """
 
 from __future__ import annotations
@@ -136,6 +137,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    from serve_app.bench.pool import pool_results
+
+    save_json(args.save, pool_results(args.results))
+    print(f"saved {args.save}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(__doc__ or "").parse_args(argv)
@@ -145,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_sweep(args, argv)
     if args.command == "plot":
         return cmd_plot(args)
+    if args.command == "pool":
+        return cmd_pool(args)
     return cmd_compare(args)
 
 

@@ -121,6 +121,9 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     compare.add_argument("results", nargs="+")
     compare.add_argument("--baseline", help="label to divide by (default: the first file's)")
     compare.add_argument("--rate", type=float, help="which run of a sweep (default: highest)")
+    pool = commands.add_parser("pool", help="one results file from repeated rounds of a system")
+    pool.add_argument("results", nargs="+", help="results files of one label and kind")
+    pool.add_argument("--save", required=True, help="pooled results JSON path")
     return parser
 
 

@@ -14,6 +14,7 @@ inside the stream, a stream that ends without `[DONE]` or without any content, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from serve_app.bench.workload import Prompt
 
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 MAX_ERROR_CHARS = 2000
+DRAIN_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -231,3 +233,16 @@ async def _read_events(response: aiohttp.ClientResponse, timer: StreamTimer) -> 
     if trailing is not None and not timer.is_done and timer.record.error is None:
         timer.on_event(trailing, time.perf_counter())
     timer.finish()
+    if timer.is_done:
+        await _drain(response)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what follows `[DONE]` (the end of the chunked body), as the `openai` client does.
+
+    Leaving it unread closes the connection: the server then sees every request as a client
+    disconnect (Serve's proxy cancels the finished request) and each request pays a new TCP
+    connection. Timing is already recorded, so this only affects what the server sees.
+    """
+    with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):  # then not reused
+        await asyncio.wait_for(response.read(), timeout=DRAIN_TIMEOUT_S)

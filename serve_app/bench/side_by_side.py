@@ -16,6 +16,13 @@ next one starts, so they never compete for the machine):
 Workloads (streaming completions, fixed prompt and output lengths, `ignore_eos`): concurrency 1
 (added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). Every
 number comes from `python -m serve_app.bench`, whose exact commands are written next to results.
+
+Rounds: on a small shared machine one run of a system can differ from the next run of the same
+system by 20-40%, more than the systems differ. So every system runs `--rounds` times,
+interleaved and in a rotated order (round 1: A B C, round 2: B C A, ...), so slow phases of the
+machine hit every system; each round's files go to `rounds/`, and the compared files are the
+rounds pooled (`pool`). The summary shows the headline figures round by round and pooled, and
+checks the project's targets (`verdict`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from serve_app.bench.pool import pool_results
+from serve_app.bench.records import save_json
+from serve_app.bench.verdict import KINDS, load_figures, rounds_table, target_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny-llama"
@@ -107,33 +118,67 @@ def bench(args: list[str], log: Path) -> list[str]:
     return command
 
 
-def run_workloads(label: str, opts: argparse.Namespace, out: Path) -> list[list[str]]:
+def round_path(out: Path, label: str, kind: str, round_no: int) -> Path:
+    return out / "rounds" / f"{label}-{kind}.r{round_no}.json"
+
+
+def round_order(labels: list[str], round_no: int) -> list[str]:
+    """Round 1 keeps the given order, each later round starts one system further on."""
+    shift = (round_no - 1) % len(labels)
+    return labels[shift:] + labels[:shift]
+
+
+def run_workloads(
+    label: str, opts: argparse.Namespace, out: Path, round_no: int
+) -> list[list[str]]:
     common = [
         "--base-url", f"http://127.0.0.1:{PORT}", "--model", MODEL_NAME,
         "--input-len", str(opts.input_len), "--output-len", str(opts.output_len),
         "--tokenizer", str(MODEL_DIR), "--label", label, "--no-progress",
         "--slo-ttft-ms", str(opts.slo_ttft_ms), "--slo-tpot-ms", str(opts.slo_tpot_ms),
     ]
-    log = out / f"{label}.bench.log"
+    log = out / "rounds" / f"{label}.r{round_no}.bench.log"
+    log.write_text("")
     bench(["run", *common, "--concurrency", "2", "--num-requests", "6"], log)  # warm-up
     return [
         bench(["run", *common, "--concurrency", "1", "--num-requests", str(opts.num_c1),
-               "--save", str(out / f"{label}-c1.json")], log),
+               "--save", str(round_path(out, label, "c1", round_no))], log),
         bench(["run", *common, "--concurrency", "8", "--num-requests", str(opts.num_c8),
-               "--save", str(out / f"{label}-c8.json")], log),
+               "--save", str(round_path(out, label, "c8", round_no))], log),
         bench(["sweep", *common, "--rates", opts.rates, "--num-requests", str(opts.num_per_rate),
-               "--save", str(out / f"{label}-sweep.json")], log),
+               "--save", str(round_path(out, label, "sweep", round_no))], log),
     ]
+
+
+def pool_rounds(labels: list[str], out: Path, num_rounds: int) -> None:
+    """`LABEL-KIND.json` from the rounds' `rounds/LABEL-KIND.rN.json`."""
+    for label in labels:
+        for kind in KINDS:
+            paths = [round_path(out, label, kind, n) for n in range(1, num_rounds + 1)]
+            save_json(out / f"{label}-{kind}.json", pool_results(paths))
+
+
+def headline(labels: list[str], out: Path, num_rounds: int) -> tuple[str, list[str]]:
+    """The per-round figures table and the target verdicts (on the pooled figures)."""
+    columns = [f"round {n}" for n in range(1, num_rounds + 1)] + ["pooled"]
+    figures = {}
+    for label in labels:
+        files = [{kind: round_path(out, label, kind, n) for kind in KINDS}
+                 for n in range(1, num_rounds + 1)]
+        files.append({kind: out / f"{label}-{kind}.json" for kind in KINDS})
+        figures[label] = [load_figures(f) for f in files]
+    table = rounds_table(figures, labels[0], columns)
+    verdicts = target_lines({label: f[-1] for label, f in figures.items()}, labels[0])
+    return table, verdicts
 
 
 def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], argv: list[str]):
     baseline = labels[0]
     sections = []
-    for kind, extra in (("c1", []), ("c8", []), ("sweep", [])):
+    for kind in KINDS:
         files = [str(out / f"{label}-{kind}.json") for label in labels]
         table = subprocess.run(
-            [sys.executable, "-m", "serve_app.bench", "compare", *files, "--baseline", baseline,
-             *extra],
+            [sys.executable, "-m", "serve_app.bench", "compare", *files, "--baseline", baseline],
             cwd=ROOT, capture_output=True, text=True, check=True,
         ).stdout
         sections.append((kind, table))
@@ -148,7 +193,9 @@ def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], a
     return sections
 
 
-def write_summary(out: Path, opts: argparse.Namespace, sections, argv: list[str]) -> None:
+def write_summary(
+    out: Path, opts: argparse.Namespace, sections, argv: list[str], headlines
+) -> None:
     titles = {"c1": "Concurrency 1 (added latency)", "c8": "Concurrency 8 (throughput)",
               "sweep": "Rate sweep (highest rate; goodput in the sweep files)"}
     lines = [
@@ -158,14 +205,22 @@ def write_summary(out: Path, opts: argparse.Namespace, sections, argv: list[str]
         f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens (ignore_eos), "
         f"streaming /v1/completions, tiny random-weight Llama; SLO TTFT {opts.slo_ttft_ms} ms, "
-        f"TPOT {opts.slo_tpot_ms} ms. Ratios are each system over the first one, same run.", "",
+        f"TPOT {opts.slo_tpot_ms} ms. {opts.rounds} rounds, systems interleaved (rotated order "
+        "each round); tables below pool every round's requests. Ratios are each system over "
+        "the first one.", "",
         "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems().values()
                       if s.label in opts.systems.split(",")], "",
     ]
+    table, verdicts = headlines
+    if verdicts:
+        lines += ["## Targets (pooled)", "", *verdicts, ""]
+    lines += ["## Headline figures, round by round", "", "```", table.rstrip(), "```", ""]
     for kind, table in sections:
         lines += [f"## {titles[kind]}", "", "```", table.rstrip(), "```", ""]
-    lines += ["Plots: `plots/`. Raw per-request records: `*-c1.json`, `*-c8.json`, "
-              "`*-sweep.json`. Exact bench commands: `commands.json`.", ""]
+    lines += ["Plots: `plots/` (pooled). Raw per-request records: `*-c1.json`, `*-c8.json`, "
+              "`*-sweep.json` (pooled, with each round's summary under `rounds`) and "
+              "`rounds/` (each round's own files and bench logs). Exact bench commands: "
+              "`commands.json`.", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -185,31 +240,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of every system, interleaved; results are pooled")
     parser.add_argument("--skip-existing", action="store_true",
-                        help="keep a system's results from an earlier run of the same command")
+                        help="keep a round of a system from an earlier run of the same command")
     opts = parser.parse_args(argv)
-    opts.out.mkdir(parents=True, exist_ok=True)
     catalog = systems()
     labels = opts.systems.split(",")
+    unknown = [label for label in labels if label not in catalog]
+    if unknown or opts.rounds < 1:
+        parser.error(f"--systems: unknown {unknown}, known {sorted(catalog)}" if unknown
+                     else f"--rounds must be at least 1, got {opts.rounds}")
+    (opts.out / "rounds").mkdir(parents=True, exist_ok=True)
     commands: dict[str, list[list[str]]] = {}
-    for label in labels:
-        system = catalog[label]
-        if opts.skip_existing and all(
-            (opts.out / f"{label}-{kind}.json").exists() for kind in ("c1", "c8", "sweep")
-        ):
-            print(f"[{label}] results exist, not rerun (--skip-existing)", flush=True)
-            continue
-        print(f"[{label}] starting: {' '.join(system.argv)}", flush=True)
-        proc = start(system, opts.out / f"{label}.server.log", opts.start_timeout_s)
-        try:
-            print(f"[{label}] running workloads", flush=True)
-            commands[label] = run_workloads(label, opts, opts.out)
-        finally:
-            stop(proc)
+    for round_no in range(1, opts.rounds + 1):
+        for label in round_order(labels, round_no):
+            tag = f"[{label} round {round_no}/{opts.rounds}]"
+            if opts.skip_existing and all(
+                round_path(opts.out, label, kind, round_no).exists() for kind in KINDS
+            ):
+                print(f"{tag} results exist, not rerun (--skip-existing)", flush=True)
+                continue
+            system = catalog[label]
+            print(f"{tag} starting: {' '.join(system.argv)}", flush=True)
+            log = opts.out / "rounds" / f"{label}.r{round_no}.server.log"
+            proc = start(system, log, opts.start_timeout_s)
+            try:
+                print(f"{tag} running workloads", flush=True)
+                commands[label] = run_workloads(label, opts, opts.out, round_no)
+            finally:
+                stop(proc)
+    pool_rounds(labels, opts.out, opts.rounds)
     sections = report(labels, opts.out, commands, argv)
-    write_summary(opts.out, opts, sections, argv)
+    headlines = headline(labels, opts.out, opts.rounds)
+    write_summary(opts.out, opts, sections, argv, headlines)
     for kind, table in sections:
         print(f"\n== {kind} ==\n{table}")
+    print("\n== round by round ==\n" + headlines[0])
+    print("\n".join(headlines[1]))
     return 0
 
 

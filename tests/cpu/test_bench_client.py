@@ -42,7 +42,8 @@ def completion_chunk(text: str, is_chat: bool) -> dict[str, Any]:
 
 async def stream_tokens(request: web.Request, is_chat: bool) -> web.StreamResponse:
     body = await request.json()
-    request.app[REQUESTS].append({"body": body, "headers": request.headers.copy()})
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    request.app[REQUESTS].append({"body": body, "headers": request.headers.copy(), "peer": peer})
     prompt = body["messages"][0]["content"] if is_chat else body["prompt"]
     if prompt == "bad":
         error = {"message": "prompt is bad", "type": "BadRequestError", "param": None, "code": 400}
@@ -65,6 +66,8 @@ async def stream_tokens(request: web.Request, is_chat: bool) -> web.StreamRespon
     usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": num_tokens}
     await response.write(sse({"choices": [], "usage": usage}))
     await response.write(sse("[DONE]"))
+    if prompt == "late-end":
+        await asyncio.sleep(TOKEN_GAP_S)  # the body ends after [DONE], as Serve's does
     return response
 
 
@@ -156,6 +159,22 @@ async def test_streamed_record_fields(server: ServerThread, endpoint: str) -> No
     assert (body["max_tokens"], body["ignore_eos"]) == (4, True)
     assert "min_tokens" not in body
     assert ("messages" in body) == (endpoint == "chat")
+
+
+async def test_client_reads_to_the_end_and_reuses_its_connection(server: ServerThread) -> None:
+    """Reading past `[DONE]` to the end of the body keeps the connection: a server sees no
+    client disconnect after each request (Serve's proxy would cancel it) and no new TCP
+    connection per request."""
+    config = ClientConfig(base_url=server.base_url + "/v1", model="tiny")
+    before = len(server.requests)
+    async with make_session(config) as session:
+        for index in range(3):
+            record = await send_request(
+                session, config, Prompt("late-end", 3), f"reuse-{index}", run_start=0.0
+            )
+            assert record.is_success, record.error
+    peers = {request["peer"] for request in server.requests[before:]}
+    assert len(peers) == 1, peers
 
 
 async def test_http_error_is_recorded(server: ServerThread) -> None:

@@ -1,0 +1,124 @@
+"""The headline figures of a side-by-side, round by round, and the project's targets checked.
+
+Targets (issue "A serving benchmark users trust"), this app (`pd`) against Ray Serve LLM's
+prefill/decode app (`ray-pd`), both measured against the unified engine in the same run:
+
+- TTFT added over the unified engine at concurrency 1 (P50): at most half of Ray's,
+- TPOT at concurrency 1 (P50): no worse than Ray's,
+- throughput at concurrency 8: no lower than Ray's,
+- no request lost, in any workload of any round.
+
+Every figure is shown per round and pooled (`pool`), so a reader sees whether a verdict holds in
+each round or only on average.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve_app.bench.report import fmt, format_table
+
+KINDS = ("c1", "c8", "sweep")
+TTFT_OVERHEAD_TARGET = 0.5
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One system in one round (or pooled over the rounds)."""
+
+    ttft_p50_ms: float | None
+    tpot_p50_ms: float | None
+    c8_rps: float | None
+    goodput_rps: float | None
+    num_requests: int
+    num_errors: int
+
+
+def load_figures(files: Mapping[str, str | Path]) -> Figures:
+    """Figures from one system's `c1`, `c8` and `sweep` results files."""
+    data = {kind: json.loads(Path(files[kind]).read_text()) for kind in KINDS}
+    c1, c8 = data["c1"]["summary"], data["c8"]["summary"]
+    sweep_runs = [run["summary"] for run in data["sweep"]["runs"]]
+    summaries = [c1, c8, *sweep_runs]
+    return Figures(
+        ttft_p50_ms=(c1.get("ttft_ms") or {}).get("p50"),
+        tpot_p50_ms=(c1.get("tpot_ms") or {}).get("p50"),
+        c8_rps=c8.get("request_throughput_rps"),
+        goodput_rps=(data["sweep"].get("goodput") or {}).get("goodput_rps"),
+        num_requests=sum(int(s.get("num_requests") or 0) for s in summaries),
+        num_errors=sum(int(s.get("num_errors") or 0) for s in summaries),
+    )
+
+
+def _added(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None else value - base
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or base is None or base <= 0 else value / base
+
+
+def rounds_table(
+    figures: Mapping[str, Sequence[Figures]], baseline: str, columns: Sequence[str]
+) -> str:
+    """Rows of figures, one column per round and one pooled: `figures[label][i]` is column i."""
+    if {len(per_column) for per_column in figures.values()} != {len(columns)}:
+        raise ValueError("every system needs one Figures per column")
+    labels = list(figures)
+    base = figures[baseline]
+    rows: list[list[str]] = []
+
+    def add(name: str, values: Sequence[float | int | None]) -> None:
+        rows.append([name, *(fmt(value) for value in values)])
+
+    for label in labels:
+        add(f"{label} TTFT p50 c1 (ms)", [f.ttft_p50_ms for f in figures[label]])
+    for label in labels:
+        if label != baseline:
+            add(f"{label} added TTFT p50 c1 (ms)",
+                [_added(f.ttft_p50_ms, b.ttft_p50_ms) for f, b in zip(figures[label], base, strict=True)])
+    if {"pd", "ray-pd"} <= set(labels) and baseline not in ("pd", "ray-pd"):
+        add("pd/ray-pd added TTFT", [
+            _ratio(_added(pd.ttft_p50_ms, b.ttft_p50_ms), _added(ray.ttft_p50_ms, b.ttft_p50_ms))
+            for pd, ray, b in zip(figures["pd"], figures["ray-pd"], base, strict=True)
+        ])
+    for name, field in (("TPOT p50 c1 (ms)", "tpot_p50_ms"), ("req/s c8", "c8_rps"),
+                        ("goodput (req/s)", "goodput_rps"), ("errors", "num_errors")):
+        for label in labels:
+            add(f"{label} {name}", [getattr(f, field) for f in figures[label]])
+    return format_table(["figure", *columns], rows)
+
+
+def target_lines(pooled: Mapping[str, Figures], baseline: str) -> list[str]:
+    """The targets checked on the pooled figures; empty unless unified, pd and ray-pd ran."""
+    if not {"pd", "ray-pd", baseline} <= set(pooled) or baseline in ("pd", "ray-pd"):
+        return []
+    pd, ray, base = pooled["pd"], pooled["ray-pd"], pooled[baseline]
+    pd_added = _added(pd.ttft_p50_ms, base.ttft_p50_ms)
+    ray_added = _added(ray.ttft_p50_ms, base.ttft_p50_ms)
+    overhead = _ratio(pd_added, ray_added)
+    lost = {label: figures.num_errors for label, figures in pooled.items()}
+    checks = [
+        (overhead is not None and pd_added is not None
+         and (pd_added <= 0 or overhead <= TTFT_OVERHEAD_TARGET),
+         f"TTFT added over {baseline} at concurrency 1 (P50): pd {fmt(pd_added)} ms, "
+         f"ray-pd {fmt(ray_added)} ms, ratio {fmt(overhead)} (target <= {TTFT_OVERHEAD_TARGET})"),
+        (_le(pd.tpot_p50_ms, ray.tpot_p50_ms),
+         f"TPOT at concurrency 1 (P50): pd {fmt(pd.tpot_p50_ms)} ms, "
+         f"ray-pd {fmt(ray.tpot_p50_ms)} ms (target: no worse)"),
+        (_le(ray.c8_rps, pd.c8_rps),
+         f"throughput at concurrency 8: pd {fmt(pd.c8_rps)} req/s, ray-pd {fmt(ray.c8_rps)} "
+         "req/s (target: no lower)"),
+        (lost["pd"] == 0,
+         "requests lost over every workload and round: "
+         + ", ".join(f"{label} {count} of {pooled[label].num_requests}"
+                     for label, count in lost.items()) + " (target: pd 0)"),
+    ]
+    return [f"- [{'met' if ok else 'NOT met'}] {text}" for ok, text in checks]
+
+
+def _le(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a <= b
