@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,15 +40,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import save_json
 from serve_app.bench.verdict import KINDS, load_figures, rounds_table, target_lines
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "models" / "tiny-llama"
-MODEL_NAME = "tiny-llama"
 PORT = 8000
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The serve configs of one machine kind; the model is the pd config's."""
+
+    name: str
+    pd_config: str
+    unified_config: str
+    machine: str
+
+
+PRESETS = {
+    preset.name: preset
+    for preset in (
+        Preset("cpu", "configs/local-cpu.yaml", "configs/unified-cpu.yaml",
+               "CPU only: the embedded tiny random-weight Llama"),
+        Preset("h100-llama3.1-8b", "configs/h100-llama3.1-8b-pd.yaml",
+               "configs/h100-llama3.1-8b-unified.yaml",
+               "one H100 80GB: Llama 3.1 8B Instruct, the two engines under CUDA MPS"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every system of one side-by-side serves: the two configs and the model in them."""
+
+    pd_config: Path
+    unified_config: Path
+    model_source: str
+    model_name: str
 
 
 @dataclass(frozen=True)
@@ -57,19 +89,57 @@ class System:
     description: str
 
 
-def systems() -> dict[str, System]:
+def has_gpu() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def default_preset() -> str:
+    """A real architecture where there is a GPU, the embedded tiny model elsewhere."""
+    return "h100-llama3.1-8b" if has_gpu() else "cpu"
+
+
+def prepare_setup(preset: Preset, model: str | None, out: Path) -> Setup:
+    """The preset's configs, or copies of them in `out/configs/` serving `model` instead."""
+    pd_config, unified_config = ROOT / preset.pd_config, ROOT / preset.unified_config
+    if model is not None:
+        source = str(Path(model).resolve()) if Path(model).exists() else model
+        pd_config = _with_model(pd_config, source, out / "configs")
+        unified_config = _with_model(unified_config, source, out / "configs")
+    args = yaml.safe_load(pd_config.read_text())["applications"][0]["args"]
+    model_cfg = args["model"]
+    source = model_cfg["source"]
+    if not Path(source).is_absolute() and (ROOT / source).exists():
+        source = str(ROOT / source)
+    return Setup(pd_config, unified_config, source, model_cfg.get("served_model_name") or source)
+
+
+def _with_model(config: Path, source: str, folder: Path) -> Path:
+    data = yaml.safe_load(config.read_text())
+    for app in data["applications"]:
+        app["args"]["model"] = {**app["args"].get("model", {}), "source": source}
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / config.name
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def systems(setup: Setup) -> dict[str, System]:
     py = sys.executable
-    model = ["--port", str(PORT), "--model", str(MODEL_DIR), "--served-model-name", MODEL_NAME]
+    launcher_args = ["--port", str(PORT), "--model", setup.model_source,
+                     "--served-model-name", setup.model_name, "--config", str(setup.pd_config)]
     return {
         s.label: s
         for s in (
-            System("unified", ["scripts/serve-local", "configs/unified-cpu.yaml"],
+            System("unified", ["scripts/serve-local", str(setup.unified_config)],
                    "one vLLM engine, chunked prefill, behind this app's Router"),
-            System("pd", ["scripts/serve-local", "configs/local-cpu.yaml"],
+            System("pd", ["scripts/serve-local", str(setup.pd_config)],
                    "this app: Router -> PrefillServer -> DecodeServer, NIXL handoff"),
-            System("ray-pd", [py, "-m", "serve_app.bench.ray_llm_pd", *model],
+            System("ray-pd", [py, "-m", "serve_app.bench.ray_llm_pd", *launcher_args],
                    "Ray Serve LLM build_pd_openai_app, same engines and NIXL settings"),
-            System("direct", [py, "-m", "serve_app.bench.direct_pd", *model],
+            System("direct", [py, "-m", "serve_app.bench.direct_pd", *launcher_args],
                    "two vLLM OpenAI servers + a bare proxy (floor for router overhead)"),
         )
     }
@@ -129,12 +199,13 @@ def round_order(labels: list[str], round_no: int) -> list[str]:
 
 
 def run_workloads(
-    label: str, opts: argparse.Namespace, out: Path, round_no: int
+    label: str, opts: argparse.Namespace, setup: Setup, round_no: int
 ) -> list[list[str]]:
+    out = opts.out
     common = [
-        "--base-url", f"http://127.0.0.1:{PORT}", "--model", MODEL_NAME,
+        "--base-url", f"http://127.0.0.1:{PORT}", "--model", setup.model_name,
         "--input-len", str(opts.input_len), "--output-len", str(opts.output_len),
-        "--tokenizer", str(MODEL_DIR), "--label", label, "--no-progress",
+        "--tokenizer", setup.model_source, "--label", label, "--no-progress",
         "--slo-ttft-ms", str(opts.slo_ttft_ms), "--slo-tpot-ms", str(opts.slo_tpot_ms),
     ]
     log = out / "rounds" / f"{label}.r{round_no}.bench.log"
@@ -194,8 +265,9 @@ def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], a
 
 
 def write_summary(
-    out: Path, opts: argparse.Namespace, sections, argv: list[str], headlines
+    opts: argparse.Namespace, setup: Setup, sections, argv: list[str], headlines
 ) -> None:
+    out = opts.out
     titles = {"c1": "Concurrency 1 (added latency)", "c8": "Concurrency 8 (throughput)",
               "sweep": "Rate sweep (highest rate; goodput in the sweep files)"}
     lines = [
@@ -203,12 +275,14 @@ def write_summary(
         f"Command: `python -m serve_app.bench.side_by_side {' '.join(argv)}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
         f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
+        f"Preset: `{opts.preset}` ({PRESETS[opts.preset].machine}); model `{setup.model_name}`; "
+        f"configs `{_shown(setup.pd_config)}`, `{_shown(setup.unified_config)}`  ",
         f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens (ignore_eos), "
-        f"streaming /v1/completions, tiny random-weight Llama; SLO TTFT {opts.slo_ttft_ms} ms, "
+        f"streaming /v1/completions; SLO TTFT {opts.slo_ttft_ms} ms, "
         f"TPOT {opts.slo_tpot_ms} ms. {opts.rounds} rounds, systems interleaved (rotated order "
         "each round); tables below pool every round's requests. Ratios are each system over "
         "the first one.", "",
-        "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems().values()
+        "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems(setup).values()
                       if s.label in opts.systems.split(",")], "",
     ]
     table, verdicts = headlines
@@ -224,10 +298,21 @@ def write_summary(
     (out / "README.md").write_text("\n".join(lines))
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results/PRESET)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="configs and model (default: h100-llama3.1-8b where nvidia-smi "
+                        "lists a GPU, else cpu)")
+    parser.add_argument("--model", default=None,
+                        help="serve this model (local path or id) instead of the preset's, in "
+                        "every system; the configs are copied into OUT/configs with it")
     parser.add_argument("--systems", default="unified,pd,ray-pd",
                         help="comma-separated, first is the baseline of the ratios; `direct` "
                         "is opt-in (see the module docstring)")
@@ -245,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-existing", action="store_true",
                         help="keep a round of a system from an earlier run of the same command")
     opts = parser.parse_args(argv)
-    catalog = systems()
+    opts.preset = opts.preset or default_preset()
+    opts.out = opts.out or ROOT / "bench" / "results" / opts.preset
+    setup = prepare_setup(PRESETS[opts.preset], opts.model, opts.out)
+    catalog = systems(setup)
     labels = opts.systems.split(",")
     unknown = [label for label in labels if label not in catalog]
     if unknown or opts.rounds < 1:
@@ -267,13 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             proc = start(system, log, opts.start_timeout_s)
             try:
                 print(f"{tag} running workloads", flush=True)
-                commands[label] = run_workloads(label, opts, opts.out, round_no)
+                commands[label] = run_workloads(label, opts, setup, round_no)
             finally:
                 stop(proc)
     pool_rounds(labels, opts.out, opts.rounds)
     sections = report(labels, opts.out, commands, argv)
     headlines = headline(labels, opts.out, opts.rounds)
-    write_summary(opts.out, opts, sections, argv, headlines)
+    write_summary(opts, setup, sections, argv, headlines)
     for kind, table in sections:
         print(f"\n== {kind} ==\n{table}")
     print("\n== round by round ==\n" + headlines[0])

@@ -14,7 +14,6 @@ from serve_app.bench.compare import format_comparison, load_summaries, print_com
 from serve_app.bench.plots import plot_results
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import RequestRecord, load_goodput, load_runs, run_payload, save_json
-from serve_app.bench.side_by_side import round_order
 from serve_app.bench.stats import SLO, find_goodput, summarize
 from serve_app.bench.verdict import Figures, rounds_table, target_lines
 
@@ -192,9 +191,3 @@ def test_rounds_table_shows_every_round_and_the_pooled_figures() -> None:
     assert lines["pd/ray-pd added TTFT"][-3:] == ["0.29", "0.43", "0.36"]
     with pytest.raises(ValueError, match="one Figures per column"):
         rounds_table(per_round, "unified", ["round 1", "pooled"])
-
-
-def test_side_by_side_rotates_the_order_of_systems() -> None:
-    labels = ["unified", "pd", "ray-pd"]
-    assert [round_order(labels, n) for n in (1, 2, 3, 4)] == [
-        labels, ["pd", "ray-pd", "unified"], ["ray-pd", "unified", "pd"], labels]
