@@ -279,7 +279,7 @@ def write_summary(
         f"configs `{_shown(setup.pd_config)}`, `{_shown(setup.unified_config)}`  ",
         f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens (ignore_eos), "
         f"streaming /v1/completions; SLO TTFT {opts.slo_ttft_ms} ms, "
-        f"TPOT {opts.slo_tpot_ms} ms. {opts.rounds} rounds, systems interleaved (rotated order "
+        f"TPOT {opts.slo_tpot_ms} ms. {opts.rounds} round(s), systems interleaved (rotated order "
         "each round); tables below pool every round's requests. Ratios are each system over "
         "the first one.", "",
         "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems(setup).values()
