@@ -31,6 +31,7 @@ class Figures:
 
     ttft_p50_ms: float | None
     tpot_p50_ms: float | None
+    e2e_p50_ms: float | None
     c8_rps: float | None
     goodput_rps: float | None
     num_requests: int
@@ -46,6 +47,7 @@ def load_figures(files: Mapping[str, str | Path]) -> Figures:
     return Figures(
         ttft_p50_ms=(c1.get("ttft_ms") or {}).get("p50"),
         tpot_p50_ms=(c1.get("tpot_ms") or {}).get("p50"),
+        e2e_p50_ms=(c1.get("e2e_ms") or {}).get("p50"),
         c8_rps=c8.get("request_throughput_rps"),
         goodput_rps=(data["sweep"].get("goodput") or {}).get("goodput_rps"),
         num_requests=sum(int(s.get("num_requests") or 0) for s in summaries),
@@ -85,7 +87,8 @@ def rounds_table(
             _ratio(_added(pd.ttft_p50_ms, b.ttft_p50_ms), _added(ray.ttft_p50_ms, b.ttft_p50_ms))
             for pd, ray, b in zip(figures["pd"], figures["ray-pd"], base, strict=True)
         ])
-    for name, field in (("TPOT p50 c1 (ms)", "tpot_p50_ms"), ("req/s c8", "c8_rps"),
+    for name, field in (("TPOT p50 c1 (ms)", "tpot_p50_ms"), ("E2E p50 c1 (ms)", "e2e_p50_ms"),
+                        ("req/s c8", "c8_rps"),
                         ("goodput (req/s)", "goodput_rps"), ("errors", "num_errors")):
         for label in labels:
             add(f"{label} {name}", [getattr(f, field) for f in figures[label]])

@@ -15,7 +15,7 @@ from serve_app.bench.plots import plot_results
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import RequestRecord, load_goodput, load_runs, run_payload, save_json
 from serve_app.bench.stats import SLO, find_goodput, summarize
-from serve_app.bench.verdict import Figures, rounds_table, target_lines
+from serve_app.bench.verdict import Figures, load_figures, rounds_table, target_lines
 
 SLO_USED = SLO(ttft_ms=200, tpot_ms=20)
 
@@ -166,7 +166,8 @@ def test_pool_refuses_mixed_labels(tmp_path: Path, results: list[Path]) -> None:
 
 
 def figures(ttft: float, tpot: float, c8: float, errors: int = 0) -> Figures:
-    return Figures(ttft_p50_ms=float(ttft), tpot_p50_ms=float(tpot), c8_rps=float(c8), goodput_rps=4.0,
+    return Figures(ttft_p50_ms=float(ttft), tpot_p50_ms=float(tpot),
+                   e2e_p50_ms=float(ttft) + 31 * float(tpot), c8_rps=float(c8), goodput_rps=4.0,
                    num_requests=100, num_errors=errors)
 
 
@@ -191,3 +192,15 @@ def test_rounds_table_shows_every_round_and_the_pooled_figures() -> None:
     assert lines["pd/ray-pd added TTFT"][-3:] == ["0.29", "0.43", "0.36"]
     with pytest.raises(ValueError, match="one Figures per column"):
         rounds_table(per_round, "unified", ["round 1", "pooled"])
+
+
+def test_figures_of_one_system_from_its_three_files(tmp_path: Path) -> None:
+    write_run(tmp_path / "c1.json", [0.1, 0.3, 0.2], duration_s=3.0)
+    write_run(tmp_path / "c8.json", [0.5, 0.6], duration_s=0.5)
+    write_sweep(tmp_path / "sweep.json", "pd", slowdown=0.5)
+    got = load_figures({kind: tmp_path / f"{kind}.json" for kind in ("c1", "c8", "sweep")})
+    assert got.ttft_p50_ms == pytest.approx(200.0)
+    assert got.e2e_p50_ms == pytest.approx(210.0)
+    assert got.c8_rps == pytest.approx(4.0)  # 2 requests in 0.5 s
+    assert got.goodput_rps == load_goodput(tmp_path / "sweep.json")
+    assert (got.num_requests, got.num_errors) == (3 + 2 + 4 * 41, 4)  # one failure per rate
