@@ -74,10 +74,9 @@ def load_app_config(
     """The config's engine settings, serving `model` as `served_model_name`."""
     serve_yaml = load_serve_yaml(config_path)
     args = dict(serve_yaml["applications"][0].get("args") or {})
-    source = Path(model)
     args["model"] = {
         **(args.get("model") or {}),
-        "source": str(source.resolve()) if source.exists() else model,
+        "source": model_source(model),
         "served_model_name": served_model_name,
     }
     if stock_nixl:
@@ -86,6 +85,12 @@ def load_app_config(
     if cfg.is_unified:
         raise ValueError(f"{config_path} is a unified config: a PD launcher needs two engines")
     return cfg
+
+
+def model_source(model: str) -> str:
+    """An existing local folder as an absolute path (any working directory finds it), else the
+    model id as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def request_timeout_s(config_path: Path) -> float | None:

@@ -10,8 +10,10 @@ next one starts, so they never compete for the machine):
 - `ray-pd`: Ray Serve LLM's own `build_pd_openai_app` with the same engines and NIXL settings,
 - `direct` (opt-in): two plain vLLM OpenAI servers and a bare proxy, meant as the floor for
   router overhead. On the 2-core CPU machine its first full run measured TTFT P50 ~760 ms at
-  concurrency 1 (KV transfers ~2 ms each, so the time goes elsewhere, not yet found): not a
-  floor there, so it is left out of the default run until that is understood.
+  concurrency 1 (KV transfers ~2 ms each): with back-to-back requests the prefill engine keeps
+  stepping while it holds blocks for decode and the two servers' frontends starve (prefill
+  answers in 140-1000 ms instead of ~55 ms). Not a floor there, so it is left out of the
+  default run until that is understood.
 
 Workloads (streaming completions, fixed prompt and output lengths, `ignore_eos`): concurrency 1
 (added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). Every
@@ -42,6 +44,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from serve_app.bench.launch_common import load_serve_yaml, model_source
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import save_json
 from serve_app.bench.verdict import KINDS, load_figures, rounds_table, target_lines
@@ -105,19 +108,17 @@ def prepare_setup(preset: Preset, model: str | None, out: Path) -> Setup:
     """The preset's configs, or copies of them in `out/configs/` serving `model` instead."""
     pd_config, unified_config = ROOT / preset.pd_config, ROOT / preset.unified_config
     if model is not None:
-        source = str(Path(model).resolve()) if Path(model).exists() else model
-        pd_config = _with_model(pd_config, source, out / "configs")
-        unified_config = _with_model(unified_config, source, out / "configs")
-    args = yaml.safe_load(pd_config.read_text())["applications"][0]["args"]
-    model_cfg = args["model"]
+        pd_config = _with_model(pd_config, model_source(model), out / "configs")
+        unified_config = _with_model(unified_config, model_source(model), out / "configs")
+    model_cfg = load_serve_yaml(pd_config)["applications"][0]["args"]["model"]
     source = model_cfg["source"]
     if not Path(source).is_absolute() and (ROOT / source).exists():
-        source = str(ROOT / source)
+        source = str(ROOT / source)  # a preset's folder is relative to the repository
     return Setup(pd_config, unified_config, source, model_cfg.get("served_model_name") or source)
 
 
 def _with_model(config: Path, source: str, folder: Path) -> Path:
-    data = yaml.safe_load(config.read_text())
+    data = load_serve_yaml(config)
     for app in data["applications"]:
         app["args"]["model"] = {**app["args"].get("model", {}), "source": source}
     folder.mkdir(parents=True, exist_ok=True)

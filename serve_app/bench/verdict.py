@@ -15,7 +15,7 @@ each round or only on average.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,11 @@ def load_figures(files: Mapping[str, str | Path]) -> Figures:
     )
 
 
+def _compares_pd_apps(labels: Iterable[str], baseline: str) -> bool:
+    """Both PD apps ran, against a third system as the baseline."""
+    return {"pd", "ray-pd", baseline} <= set(labels) and baseline not in ("pd", "ray-pd")
+
+
 def _added(value: float | None, base: float | None) -> float | None:
     return None if value is None or base is None else value - base
 
@@ -82,7 +87,7 @@ def rounds_table(
         if label != baseline:
             add(f"{label} added TTFT p50 c1 (ms)",
                 [_added(f.ttft_p50_ms, b.ttft_p50_ms) for f, b in zip(figures[label], base, strict=True)])
-    if {"pd", "ray-pd"} <= set(labels) and baseline not in ("pd", "ray-pd"):
+    if _compares_pd_apps(labels, baseline):
         add("pd/ray-pd added TTFT", [
             _ratio(_added(pd.ttft_p50_ms, b.ttft_p50_ms), _added(ray.ttft_p50_ms, b.ttft_p50_ms))
             for pd, ray, b in zip(figures["pd"], figures["ray-pd"], base, strict=True)
@@ -97,7 +102,7 @@ def rounds_table(
 
 def target_lines(pooled: Mapping[str, Figures], baseline: str) -> list[str]:
     """The targets checked on the pooled figures; empty unless unified, pd and ray-pd ran."""
-    if not {"pd", "ray-pd", baseline} <= set(pooled) or baseline in ("pd", "ray-pd"):
+    if not _compares_pd_apps(pooled, baseline):
         return []
     pd, ray, base = pooled["pd"], pooled["ray-pd"], pooled[baseline]
     pd_added = _added(pd.ttft_p50_ms, base.ttft_p50_ms)
