@@ -112,6 +112,9 @@ class RouterConfig(_Strict):
     num_cpus: float = Field(default=0.5, ge=0.0)
     fallback_to_decode: bool = True
     """When prefill fails (not the client's fault), decode runs the whole request."""
+    first_token_from_prefill: bool = True
+    """Streamed completions get prefill's first token at once; decode continues after it
+    (`serve_app/first_token.py`). False: decode makes every token, the first one included."""
     health_timeout_s: float = Field(default=10.0, gt=0)
 
 

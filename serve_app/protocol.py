@@ -46,6 +46,12 @@ class PrefillResult(BaseModel):
     request_id: str
     kv_transfer_params: KVTransferParams
     num_prompt_tokens: int
+    # Prefill's own token and what decode needs to continue after it (`first_token.py`).
+    first_token_id: int | None = None
+    first_text: str = ""
+    finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    max_model_len: int = 0
 
 
 class RequestError(Exception):
@@ -73,6 +79,8 @@ def prepare_prefill_request(request: Any, request_id: str) -> Any:
         stream=False,
         stream_options=None,
         echo=False,
+        # The prompt's and the first token's ids: decode may continue from them.
+        return_token_ids=True,
         kv_transfer_params=KVTransferParams.for_prefill().model_dump(),
     )
 

@@ -10,6 +10,8 @@ The steps of one request:
    there falls back to decode-only (`router.fallback_to_decode`) instead of failing the request.
 3. Hand off: the decode copy of the request carries prefill's `kv_transfer_params` verbatim.
 4. Decode: the DecodeServer reads the blocks over NIXL (no recompute) and generates.
+   A streamed completion gets prefill's token at once instead, and decode continues after it
+   (`router.first_token_from_prefill`, see `first_token.py`).
 5. Stream: decode's SSE events go to the client untouched (or its one JSON response).
 6. Finish or clean up: a client that leaves closes the decode stream, which aborts the request in
    the decode engine; one that leaves between prefill and decode makes the router release the
@@ -29,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from serve_app import first_token
 from serve_app.config import AppConfig
 from serve_app.protocol import (
     Endpoint,
@@ -98,6 +101,13 @@ class Router:
         self.prefill = prefill
         self.decode = decode
         self.request_models = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
+        # Decode must be able to load fewer tokens than its prompt (our vLLM plugin's clamp).
+        from serve_app.vllm_plugin import pull_scheduler_class
+
+        self._releases: set[asyncio.Future] = set()
+        self.first_token = (
+            self.cfg.router.first_token_from_prefill and pull_scheduler_class() is not None
+        )
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -178,6 +188,13 @@ class Router:
             if isinstance(prefilled, _Outcome):
                 return prefilled
             result = prefilled
+            if (
+                self.first_token
+                and endpoint == "completions"
+                and first_token.can_continue(request)
+                and first_token.continues(result)
+            ):
+                return self._continue(request, request_id, result)
         decode_request = prepare_decode_request(request, request_id, result)
         return await self._decode(endpoint, decode_request, request_id, result)
 
@@ -246,6 +263,39 @@ class Router:
             stream.cancel()
             return _Outcome.from_vllm(first)
         return _Outcome(stream=_forward(first, stream))
+
+    def _continue(self, request: Any, request_id: str, result: PrefillResult) -> _Outcome:
+        """Stream prefill's token now; decode streams the rest after it."""
+        decode_request = first_token.continuation_request(request, request_id, result)
+        stream = self.decode.options(stream=True).generate.remote("completions", decode_request)
+        return _Outcome(stream=self._continuation(request, request_id, result, stream))
+
+    async def _continuation(
+        self, request: Any, request_id: str, result: PrefillResult, stream: Any
+    ) -> AsyncIterator[str]:
+        rewrite = first_token.ContinuationEvents()
+        started = False
+        try:
+            yield first_token.first_chunk(request, request_id, result)
+            async for item in stream:
+                started = True
+                if isinstance(item, str):
+                    yield rewrite(item)
+                    continue
+                # An error response instead of a stream: the client already has a token,
+                # so it ends the stream as vLLM ends one that fails midway.
+                yield f"data: {json.dumps(_Outcome.from_vllm(item).body)}\n\ndata: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - the decode replica failed
+            body = error_body(503, f"decode failed: {exc}", "ServiceUnavailableError")
+            yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+        finally:
+            stream.cancel()
+            if not started:
+                # Decode may never have seen the request (client gone, decode failed):
+                # free prefill's blocks now. Not awaited: this may run in a cancelled task.
+                task = asyncio.ensure_future(self._release(request_id, result))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
 
     async def _release(self, request_id: str, result: PrefillResult) -> None:
         try:

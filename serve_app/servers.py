@@ -91,10 +91,18 @@ class PrefillServer(_EngineServer):
         params = getattr(response, "kv_transfer_params", None)
         if params is None:
             return response  # ErrorResponse
+        choice = response.choices[0]
+        token_ids = getattr(choice, "token_ids", None) or []
         return PrefillResult(
             request_id=response.id,
             kv_transfer_params=KVTransferParams.model_validate(params),
             num_prompt_tokens=response.usage.prompt_tokens,
+            first_token_id=token_ids[0] if len(token_ids) == 1 else None,
+            first_text=getattr(choice, "text", None) or "",
+            finish_reason=choice.finish_reason,
+            prompt_token_ids=getattr(choice, "prompt_token_ids", None)
+            or getattr(response, "prompt_token_ids", None),
+            max_model_len=self.engine.max_model_len,
         )
 
 

@@ -141,6 +141,83 @@ def test_openai_completions_usage_and_streaming(client: openai.OpenAI, tokenizer
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def token_prompt(tokenizer: Any, num_tokens: int) -> list[int]:
+    ids = tokenizer(PROMPTS[-1]).input_ids
+    return (ids * (num_tokens // len(ids) + 1))[:num_tokens]
+
+
+# On a block boundary decode's prompt (prompt + first token) needs one block more than prefill
+# holds: the plugin's clamp makes decode load only what prefill computed.
+@pytest.mark.parametrize("num_prompt_tokens", [8 * BLOCK_SIZE, 8 * BLOCK_SIZE - 5])
+def test_streamed_first_token_comes_from_prefill(
+    pd_app: dict[str, Any], client: openai.OpenAI, tokenizer: Any, num_prompt_tokens: int
+) -> None:
+    prompt, max_tokens = token_prompt(tokenizer, num_prompt_tokens), 10
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    # Not streamed: the plain handoff, decode makes every token.
+    plain = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body=extra
+    )
+    before = {role: stats(pd_app, role) for role in ("prefill", "decode")}
+    chunks = list(client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=extra,
+    ))
+    after = {role: stats(pd_app, role) for role in ("prefill", "decode")}
+
+    def made(role: str) -> int:
+        return after[role]["num_generation_tokens"] - before[role]["num_generation_tokens"]
+
+    # Prefill's token went to the client; decode made only the others.
+    assert (made("prefill"), made("decode")) == (1, max_tokens - 1)
+    transfers = {k: after["decode"]["transfers"][k] - before["decode"]["transfers"][k]
+                 for k in ("num_transfers", "num_failed_transfers", "bytes_transferred")}
+    num_blocks = math.ceil(num_prompt_tokens / BLOCK_SIZE)
+    assert transfers == {"num_transfers": 1, "num_failed_transfers": 0,
+                         "bytes_transferred": num_blocks * BLOCK_SIZE * KV_BYTES_PER_TOKEN}
+
+    # The client sees what the plain handoff gives, in vLLM's stream shape.
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].token_ids == plain.choices[0].token_ids[:1]
+    assert [t for c in content for t in c.choices[0].token_ids] == plain.choices[0].token_ids
+    assert "".join(c.choices[0].text for c in content) == plain.choices[0].text
+    assert getattr(content[0].choices[0], "prompt_token_ids", None) == prompt
+    assert all(getattr(c.choices[0], "prompt_token_ids", None) is None for c in content[1:])
+    assert len({c.id for c in chunks}) == 1
+    assert content[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    made_so_far = [len(c.choices[0].token_ids) for c in content]
+    assert [c.usage.completion_tokens for c in content] == [
+        sum(made_so_far[: i + 1]) for i in range(len(content))
+    ]
+    assert {c.usage.prompt_tokens for c in content} == {num_prompt_tokens}
+
+
+def test_requests_that_cannot_continue_take_the_plain_handoff(
+    pd_app: dict[str, Any], client: openai.OpenAI, tokenizer: Any
+) -> None:
+    prompt, max_tokens = token_prompt(tokenizer, 100), 6
+    before = stats(pd_app, "decode")["num_generation_tokens"]
+    # A stop string could span prefill's token and decode's first one.
+    chunks = list(client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+        stop=["never appears here"], extra_body={"ignore_eos": True, "return_token_ids": True},
+    ))
+    assert stats(pd_app, "decode")["num_generation_tokens"] - before == max_tokens
+    assert sum(len(c.choices[0].token_ids or []) for c in chunks if c.choices) == max_tokens
+
+
+def test_client_gone_after_the_first_token_leaves_nothing_behind(pd_app: dict[str, Any]) -> None:
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[-1], "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}
+    for _ in range(3):
+        with httpx.stream("POST", pd_app["base_url"] + "/v1/completions", json=body) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+    reports = wait_until_released(pd_app)
+    for role, report in reports.items():
+        assert report == {"num_unfinished_requests": 0, "all_blocks_free": True}, role
+
+
 def test_openai_chat_usage_and_streaming(client: openai.OpenAI, tokenizer: Any) -> None:
     messages = [
         {"role": "system", "content": "You answer briefly."},
