@@ -19,7 +19,7 @@ import json
 import time
 from typing import Any
 
-from serve_app.protocol import PrefillResult
+from serve_app.protocol import PrefillResult, copy_request
 
 # Sampling features whose state covers the generated tokens (penalties over the output, stop
 # strings over the output text, grammars, per-request processors, logprobs of each output token,
@@ -100,8 +100,7 @@ def continuation_request(request: Any, request_id: str, result: PrefillResult) -
     }
     if request.max_tokens is not None:
         updates["max_tokens"] = request.max_tokens - 1
-    fields = type(request).model_fields
-    return request.model_copy(update={k: v for k, v in updates.items() if k in fields})
+    return copy_request(request, **updates)
 
 
 def first_chunk(request: Any, request_id: str, result: PrefillResult) -> str:
@@ -130,9 +129,10 @@ def first_chunk(request: Any, request_id: str, result: PrefillResult) -> str:
     )
     options = request.stream_options
     if options is not None and options.include_usage and options.continuous_usage_stats:
-        prompt_tokens = len(result.prompt_token_ids or ())
         chunk.usage = UsageInfo(
-            prompt_tokens=prompt_tokens, completion_tokens=1, total_tokens=prompt_tokens + 1
+            prompt_tokens=result.num_prompt_tokens,
+            completion_tokens=1,
+            total_tokens=result.num_prompt_tokens + 1,
         )
     return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 

@@ -69,7 +69,7 @@ class RequestError(Exception):
 
 def prepare_prefill_request(request: Any, request_id: str) -> Any:
     """The prefill copy: one token, no streaming, blocks kept for the remote decode."""
-    return _copy(
+    return copy_request(
         request,
         request_id=request_id,
         max_tokens=1,
@@ -92,7 +92,7 @@ def prepare_decode_request(request: Any, request_id: str, result: PrefillResult 
     whole request itself.
     """
     params = None if result is None else result.kv_transfer_params.model_dump()
-    return _copy(request, request_id=request_id, kv_transfer_params=params)
+    return copy_request(request, request_id=request_id, kv_transfer_params=params)
 
 
 def can_disaggregate(request: Any) -> bool:
@@ -100,6 +100,7 @@ def can_disaggregate(request: Any) -> bool:
     return (getattr(request, "n", 1) or 1) == 1 and not getattr(request, "use_beam_search", False)
 
 
-def _copy(request: Any, **updates: Any) -> Any:
+def copy_request(request: Any, **updates: Any) -> Any:
+    """A copy of `request` with `updates` applied, skipping fields its model does not have."""
     fields = type(request).model_fields
     return request.model_copy(update={k: v for k, v in updates.items() if k in fields})

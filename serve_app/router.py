@@ -87,6 +87,11 @@ async def _forward(first: str, stream: Any) -> AsyncIterator[str]:
         stream.cancel()
 
 
+def _final_error_event(body: dict | None) -> str:
+    """The last SSE events of a stream that fails after its first chunk went out."""
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
+
 # Ray pickles the ingress class by value: every module-level name it uses must be defined above.
 @serve.deployment(name="Router")
 @serve.ingress(fastapi_app)
@@ -284,10 +289,11 @@ class Router:
                     continue
                 # An error response instead of a stream: the client already has a token,
                 # so it ends the stream as vLLM ends one that fails midway.
-                yield f"data: {json.dumps(_Outcome.from_vllm(item).body)}\n\ndata: [DONE]\n\n"
+                yield _final_error_event(_Outcome.from_vllm(item).body)
         except Exception as exc:  # noqa: BLE001 - the decode replica failed
-            body = error_body(503, f"decode failed: {exc}", "ServiceUnavailableError")
-            yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+            yield _final_error_event(
+                error_body(503, f"decode failed: {exc}", "ServiceUnavailableError")
+            )
         finally:
             stream.cancel()
             if not started:

@@ -8,15 +8,16 @@ KV leases expiring before decode read the blocks). Disabling the thread instead 
 reads hang, so the fix is a delay between polls, set where the agent is created.
 
 vLLM loads general plugins in every process it starts (API frontend, engine core, workers), which
-is the only place that reaches the process that owns the NIXL agent. The plugin does nothing
-unless `PD_SERVE_NIXL_PROGRESS_DELAY_US` is set (by `kv_transfer.progress_delay_us`).
+is the only place that reaches the process that owns the NIXL agent. The poll delay is set only
+where `PD_SERVE_NIXL_PROGRESS_DELAY_US` is (by `kv_transfer.progress_delay_us`).
 
-The second patch serves the first token from prefill (`serve_app/first_token.py`): decode's
-prompt is then prefill's prompt plus the first token, one token longer than what prefill
-computed. vLLM 0.32's pull connector asks to load the whole prompt's length, which at a block
-boundary needs one block more than prefill holds (an assertion in the read). Loading at most
-`remote_num_tokens` (what prefill reports it computed) is the same count in the plain handoff
-and the right one for the continuation; the scheduler then computes the rest locally.
+The second patch, applied wherever this vLLM has the class it was written for, serves the first
+token from prefill (`serve_app/first_token.py`): decode's prompt is then prefill's prompt plus
+the first token, one token longer than what prefill computed. vLLM 0.32's pull connector asks to
+load the whole prompt's length, which at a block boundary needs one block more than prefill
+holds (an assertion in the read). Loading at most `remote_num_tokens` (what prefill reports it
+computed) is the same count in the plain handoff and the right one for the continuation; the
+scheduler then computes the rest locally.
 """
 
 from __future__ import annotations
