@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.config_plan import check_app_memory
+from serve_app.plan import GPU_PRESETS_MIB
+
 # vLLM engine arguments that the schema owns; setting them per phase would split the contract.
 RESERVED_ENGINE_KWARGS = frozenset(
     {"model", "served_model_name", "kv_transfer_config", "tokenizer", "gpu_memory_utilization",
@@ -104,6 +107,10 @@ class MpsConfig(_Strict):
     log_dir: str = "/tmp/pd-serve-mps/log"
     allow_unpartitioned: bool = False
     """If no MPS daemon answers: False refuses to start; True runs without the SM split (loud)."""
+    gemm_check: bool = True
+    """A replica with an `sm_percentage` runs a short GEMM check (the model's dtype and layer
+    shapes against an FP32 CPU reference) before its engine starts and refuses to start when
+    the results are wrong (`serve_app/gpu_gate.py`). False skips it (not advised)."""
 
 
 class RouterConfig(_Strict):
@@ -137,6 +144,15 @@ class AppConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     memory_headroom: float = Field(default=0.05, ge=0.0, lt=0.5)
     """Share of the card left to CUDA contexts, NCCL/UCX buffers and fragmentation."""
+    gpu: str | None = None
+    """The card, for the build-time memory plan (`serve_app/config_plan.py`): one of
+    `plan.GPU_PRESETS_MIB` (`h100-80gb`, `h200-141gb`, `a100-80gb`). Or `gpu_memory_gib`. With
+    neither, a `device: cuda` config is built without the plan (a WARNING says so)."""
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """The card's memory in GiB, for a card without a preset."""
+    engine_overhead_gib: float = Field(default=2.0, ge=0.0)
+    """The plan's per-engine reserve outside weights and KV (activations, CUDA graphs, CUDA
+    context, NIXL buffers); calibrate against vLLM's "Available KV cache memory" log line."""
     start_order: Literal["prefill_first", "parallel"] = "prefill_first"
     """`prefill_first`: decode starts its engine (and memory profiling) only once prefill's is
     up, on every (re)start. `parallel` is allowed on a GPU only when both KV pools are fixed."""
@@ -225,6 +241,24 @@ class AppConfig(_Strict):
                     f"{', '.join(p + '.kv_cache_memory_bytes' for p in unpinned)} or use "
                     "start_order: prefill_first"
                 )
+        return self
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        if value is not None and value not in GPU_PRESETS_MIB:
+            raise ValueError(
+                f"unknown gpu {value!r}; allowed: {', '.join(sorted(GPU_PRESETS_MIB))} "
+                "(or set gpu_memory_gib instead)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _memory_plan_fits(self) -> AppConfig:
+        """The planner's arithmetic at build time (last: the simpler rules speak first)."""
+        if self.gpu is not None and self.gpu_memory_gib is not None:
+            raise ValueError("gpu and gpu_memory_gib are exclusive: set one")
+        check_app_memory(self)
         return self
 
     @property

@@ -98,6 +98,8 @@ class ModelShape:
     has_qkv_bias: bool = False
     has_o_bias: bool = False
     has_mlp_bias: bool = False
+    max_position_embeddings: int | None = None
+    """The model's own context length (vLLM's `max_model_len` when the config sets none)."""
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], name: str = "custom") -> ModelShape:
@@ -140,6 +142,7 @@ class ModelShape:
             has_qkv_bias=has_attention_bias or config.get("model_type") == "qwen2",
             has_o_bias=has_attention_bias,
             has_mlp_bias=bool(config.get("mlp_bias", False)),
+            max_position_embeddings=config.get("max_position_embeddings"),
         )
 
     @property
@@ -198,6 +201,7 @@ BUILTIN_MODELS: dict[str, ModelShape] = {
         intermediate_size=14336,
         vocab_size=128256,
         is_tied_embeddings=False,
+        max_position_embeddings=131072,
     ),
     "qwen2.5-7b": ModelShape(
         name="qwen2.5-7b",
@@ -210,6 +214,7 @@ BUILTIN_MODELS: dict[str, ModelShape] = {
         vocab_size=152064,
         is_tied_embeddings=False,
         has_qkv_bias=True,
+        max_position_embeddings=32768,
     ),
     "llama-3.2-1b": ModelShape(
         name="llama-3.2-1b",
@@ -221,6 +226,7 @@ BUILTIN_MODELS: dict[str, ModelShape] = {
         intermediate_size=8192,
         vocab_size=128256,
         is_tied_embeddings=True,
+        max_position_embeddings=131072,
     ),
 }
 _MODEL_ALIASES: dict[str, str] = {

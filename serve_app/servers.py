@@ -31,6 +31,7 @@ class _EngineServer:
 
     async def _start_engine(self, cfg: AppConfig) -> None:
         from serve_app.engine import Engine
+        from serve_app.gpu_gate import gate_replica
         from serve_app.mps import preflight
 
         self.cfg = cfg
@@ -38,6 +39,8 @@ class _EngineServer:
         if cfg.device == "cuda":
             phase = cfg.phase(self.role)
             preflight(phase.sm_percentage, cfg.mps.pipe_dir, cfg.mps.allow_unpartitioned)
+            # Under an SM cap cuBLAS has returned wrong numbers: check before loading anything.
+            await gate_replica(cfg, self.role)
         self.engine = Engine(cfg, self.role)
         await self.engine.start()
         self.engine_ready_at = time.time()
