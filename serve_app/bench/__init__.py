@@ -3,7 +3,8 @@
 Modules, one purpose each:
 
 - `records`  : `RequestRecord` (one request's timings) and the results JSON on disk.
-- `workload` : prompts (synthetic with exact lengths, or a ShareGPT/JSONL dataset).
+- `workload` : prompts (synthetic with exact lengths, a mix of classes, or a ShareGPT/JSONL
+  dataset).
 - `arrivals` : request arrival times (Poisson, gamma with a burstiness shape, or all at once).
 - `client`   : one streaming request over HTTP/SSE -> one `RequestRecord`.
 - `runner`   : the load loop (open loop at a rate, closed loop at a concurrency, or both).

@@ -4,6 +4,9 @@
         --input-len 256 --output-len 32 --slo-ttft-ms 200 --slo-tpot-ms 50 --label pd --save pd.json
     python -m serve_app.bench sweep --model M --rates 1,2,4,8 --duration-s 60 \\
         --slo-ttft-ms 200 --slo-tpot-ms 50 --label pd --save pd_sweep.json
+    python -m serve_app.bench sweep --model M --tokenizer models/tiny-llama --rates 2,4,6 \\
+        --mix chat:0.8:64:128,doc:0.2:1700:8 --num-requests 100 --slo-ttft-ms 300 \\
+        --slo-tpot-ms 25 --class-slo doc:1500:- --label pd --save pd_mixed.json
     python -m serve_app.bench plot pd_sweep.json unified_sweep.json --out plots/
     python -m serve_app.bench compare unified_sweep.json pd_sweep.json --baseline unified
     python -m serve_app.bench pool pd.r1.json pd.r2.json pd.r3.json --save pd.json
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-from serve_app.bench.cli import build_configs, build_load, build_parser
+from serve_app.bench.cli import build_configs, build_load, build_parser, build_slo, check_args
 from serve_app.bench.records import rate_to_json, run_payload, save_json
 from serve_app.bench.runner import run_load
 from serve_app.bench.stats import SLO, summarize
@@ -40,14 +43,26 @@ def results_header(args: argparse.Namespace, kind: str, argv: Sequence[str]) -> 
         "config": {
             "client": client.to_json(),
             "workload": dataclasses.asdict(workload),
-            "slo": dataclasses.asdict(slo),
+            "slo": slo.to_json(),
             "args": {
-                key: rate_to_json(value) if isinstance(value, float) else value
-                for key, value in vars(args).items()
-                if key != "api_key"
+                key: _arg_to_json(value) for key, value in vars(args).items() if key != "api_key"
             },
         },
     }
+
+
+def _arg_to_json(value: Any) -> Any:
+    """An argument as saved with results: infinite rates as null, parsed classes and SLOs as
+    objects."""
+    if isinstance(value, float):
+        return rate_to_json(value)
+    if isinstance(value, SLO):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [_arg_to_json(item) for item in value]
+    return value
 
 
 def redacted_command(argv: Sequence[str]) -> str:
@@ -123,7 +138,7 @@ def cmd_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from serve_app.bench.plots import plot_results
 
-    slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    slo = build_slo(args)
     for path in plot_results(args.results, args.out, slo, args.attainment_target, args.cdf_rate):
         print(path)
     return 0
@@ -147,7 +162,12 @@ def cmd_pool(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(__doc__ or "").parse_args(argv)
+    parser = build_parser(__doc__ or "")
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.command == "run":
         return cmd_run(args, argv)
     if args.command == "sweep":

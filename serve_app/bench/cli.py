@@ -11,7 +11,13 @@ from typing import Any
 from serve_app.bench.client import ENDPOINT_PATHS, ClientConfig
 from serve_app.bench.runner import DEFAULT_NUM_REQUESTS, LoadConfig
 from serve_app.bench.stats import SLO
-from serve_app.bench.workload import WorkloadConfig, parse_len_range
+from serve_app.bench.workload import (
+    CLASS_NAME_PATTERN,
+    MixClass,
+    WorkloadConfig,
+    parse_len_range,
+    parse_mix,
+)
 
 DEFAULT_OUTPUT_LEN = 32
 
@@ -52,6 +58,14 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     prompts.add_argument("--output-len-range", type=parse_len_range, metavar="A:B")
     prompts.add_argument("--dataset", help="JSONL: ShareGPT rows or {prompt, output_len} rows")
     prompts.add_argument("--tokenizer", help="tokenizer path for exact synthetic prompt lengths")
+    prompts.add_argument(
+        "--mix",
+        type=mix_arg,
+        metavar="SPEC",
+        help="mixed workload: name:weight:input_len:output_len[,...] (e.g. "
+        "chat:0.8:64:128,doc:0.2:1700:8) or a .json file of such classes; each request draws "
+        "its class from (seed, index); replaces --input-len/--output-len",
+    )
     arrivals = parser.add_argument_group("arrivals")
     arrivals.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     arrivals.add_argument("--burstiness", type=float, default=1.0, help="gamma shape")
@@ -74,6 +88,72 @@ def add_slo_args(parser: argparse.ArgumentParser) -> None:
     slo = parser.add_argument_group("SLO")
     slo.add_argument("--slo-ttft-ms", type=float)
     slo.add_argument("--slo-tpot-ms", type=float)
+    slo.add_argument(
+        "--class-slo",
+        type=parse_class_slo,
+        action="append",
+        default=[],
+        metavar="NAME:TTFT_MS:TPOT_MS",
+        help="other limits for one class of --mix (repeatable); '-' keeps the overall limit, "
+        "e.g. doc:2000:-",
+    )
+
+
+def mix_arg(text: str) -> tuple[MixClass, ...]:
+    try:
+        return parse_mix(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def parse_class_slo(text: str) -> tuple[str, SLO]:
+    """`"NAME:TTFT_MS:TPOT_MS"` -> (NAME, SLO); `-` (or nothing) leaves a limit to the overall."""
+    fields = text.split(":")
+    if len(fields) != 3 or not CLASS_NAME_PATTERN.fullmatch(fields[0].strip()):
+        raise argparse.ArgumentTypeError(
+            f"--class-slo must look like NAME:TTFT_MS:TPOT_MS (e.g. doc:2000:-), got {text!r}"
+        )
+    limits = []
+    for field, value in zip(("TTFT_MS", "TPOT_MS"), fields[1:], strict=True):
+        value = value.strip()
+        if value in ("", "-"):
+            limits.append(None)
+            continue
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = 0.0
+        if not 0 < limit < math.inf:
+            raise argparse.ArgumentTypeError(
+                f"--class-slo {text!r}: {field} must be a number > 0 or '-', got {value!r}"
+            )
+        limits.append(limit)
+    return fields[0].strip(), SLO(ttft_ms=limits[0], tpot_ms=limits[1])
+
+
+def build_slo(args: argparse.Namespace) -> SLO:
+    names = [name for name, _ in args.class_slo]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--class-slo: one entry per class, repeated: {', '.join(repeated)}")
+    per_class = dict(args.class_slo)
+    return SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, per_class=per_class)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Arguments that parse one by one but not together; raises ValueError saying which."""
+    if args.command == "plot":
+        build_slo(args)
+    if args.command not in ("run", "sweep"):
+        return
+    _, workload, slo = build_configs(args)
+    known = {mix_class.name for mix_class in workload.mix or ()}
+    unknown = sorted(set(slo.per_class) - known)
+    if unknown:
+        classes = ", ".join(sorted(known)) if known else "none: there is no --mix"
+        raise ValueError(
+            f"--class-slo names {', '.join(unknown)}, not a class of --mix ({classes})"
+        )
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
@@ -147,8 +227,9 @@ def build_configs(args: argparse.Namespace) -> tuple[ClientConfig, WorkloadConfi
         is_output_len_forced=args.output_len is not None,
         tokenizer=args.tokenizer,
         seed=args.seed,
+        mix=args.mix,
     )
-    return client, workload, SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    return client, workload, build_slo(args)
 
 
 def build_load(args: argparse.Namespace, request_rate: float) -> LoadConfig:

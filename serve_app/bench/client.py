@@ -188,7 +188,10 @@ async def send_request(
 ) -> RequestRecord:
     """Send one streaming request and time it; failures are recorded, never raised."""
     record = RequestRecord(
-        request_id=request_id, scheduled_s=scheduled_s, expected_output_tokens=prompt.output_len
+        request_id=request_id,
+        scheduled_s=scheduled_s,
+        expected_output_tokens=prompt.output_len,
+        class_name=prompt.class_name,
     )
     start = time.perf_counter()
     record.start_s = start - run_start

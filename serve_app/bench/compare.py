@@ -4,7 +4,8 @@
 
 Each non-baseline system gets a value column and a `label/baseline` ratio column (value divided
 by the baseline's value): below 1x is better for latencies, above 1x for throughput, attainment
-and goodput.
+and goodput. Summaries of a mixed workload add the P50 / P90 / P99 latencies, throughput and SLO
+attainment of each class (rows named `CLASS ...`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from serve_app.bench.report import fmt, format_table
 
 LATENCY_METRICS = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E"))
 LATENCY_STATS = ("mean", "p50", "p90", "p99")
+CLASS_LATENCY_STATS = ("p50", "p90", "p99")
+CLASS_SCALAR_METRICS = (
+    ("request_throughput_rps", "requests/s"),
+    ("num_errors", "errors"),
+    ("slo_attainment", "SLO attainment"),
+)
 SCALAR_METRICS = (
     ("request_throughput_rps", "requests/s"),
     ("output_token_throughput_tps", "output tokens/s"),
@@ -41,6 +48,25 @@ def metric_rows(summaries: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[
         values = [summary.get(key) for summary in summaries]
         if any(value is not None for value in values):
             rows.append((name, values))
+    return rows + class_rows(summaries)
+
+
+def class_rows(summaries: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Any]]]:
+    """The per-class rows of mixed-workload summaries (none for uniform workloads)."""
+    names: list[str] = []
+    for summary in summaries:
+        names += [name for name in summary.get("classes") or {} if name not in names]
+    rows = []
+    for class_name in names:
+        parts = [(summary.get("classes") or {}).get(class_name) or {} for summary in summaries]
+        for key, name in LATENCY_METRICS:
+            for stat in CLASS_LATENCY_STATS:
+                values = [(part.get(key) or {}).get(stat) for part in parts]
+                rows.append((f"{class_name} {name} {stat} (ms)", values))
+        for key, name in CLASS_SCALAR_METRICS:
+            values = [part.get(key) for part in parts]
+            if any(value is not None for value in values):
+                rows.append((f"{class_name} {name}", values))
     return rows
 
 

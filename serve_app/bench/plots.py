@@ -3,6 +3,8 @@
 - `latency_cdf.png`: empirical CDFs of TTFT and TPOT at one request rate per system.
 - `ttft_vs_rate.png`, `tpot_vs_rate.png`: P50 (solid), P90 (dashed), P99 (dotted) vs rate.
 - `slo_attainment_vs_rate.png`: SLO attainment vs rate, with the attainment target.
+- Mixed workloads: the same four plots for each class of the mix, `*_CLASS.png` (e.g.
+  `ttft_vs_rate_chat.png`), over that class's requests and against its SLO.
 
 Runs without a finite request rate (closed loop) are placed at their achieved request rate.
 Figures are drawn with matplotlib's object API on the Agg canvas, so no display is needed and no
@@ -19,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from serve_app.bench.compare import pick_run
-from serve_app.bench.records import RunResult, load_runs
-from serve_app.bench.stats import SLO, slo_attainment
+from serve_app.bench.records import RequestRecord, RunResult, load_runs
+from serve_app.bench.stats import SLO, class_names, slo_attainment
 
 Systems = dict[str, list[RunResult]]
 PERCENTILE_STYLES = (("p50", "-"), ("p90", "--"), ("p99", ":"))
@@ -51,13 +53,37 @@ def plot_results(
     slo = slo if slo is not None and slo.is_set else stored_slo(systems)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [
-        plot_latency_cdfs(systems, out / "latency_cdf.png", cdf_rate),
-        plot_percentiles_vs_rate(systems, "ttft_ms", "TTFT", slo.ttft_ms, out / "ttft_vs_rate.png"),
-        plot_percentiles_vs_rate(systems, "tpot_ms", "TPOT", slo.tpot_ms, out / "tpot_vs_rate.png"),
-    ]
+    written = _plots_of(systems, out, slo, target, cdf_rate, None)
+    for class_name in mix_classes(systems):
+        written += _plots_of(systems, out, slo, target, cdf_rate, class_name)
+    return written
+
+
+def mix_classes(systems: Systems) -> list[str]:
+    """Every class of a mix met in the runs (sorted; empty for uniform workloads)."""
+    records = [record for runs in systems.values() for run in runs for record in run.records]
+    return class_names(records)
+
+
+def _plots_of(
+    systems: Systems,
+    out: Path,
+    slo: SLO,
+    target: float,
+    cdf_rate: float | None,
+    class_name: str | None,
+) -> list[Path]:
+    """The four plots, over every request or over one class's (`NAME_CLASS.png`)."""
+    suffix = f"_{class_name}" if class_name else ""
+    limits = slo.for_class(class_name)
+    written = [plot_latency_cdfs(systems, out / f"latency_cdf{suffix}.png", cdf_rate, class_name)]
+    for name, slo_ms in (("TTFT", limits.ttft_ms), ("TPOT", limits.tpot_ms)):
+        path = out / f"{name.lower()}_vs_rate{suffix}.png"
+        key = f"{name.lower()}_ms"
+        written.append(plot_percentiles_vs_rate(systems, key, name, slo_ms, path, class_name))
     if slo.is_set:
-        written.append(plot_attainment(systems, slo, target, out / "slo_attainment_vs_rate.png"))
+        path = out / f"slo_attainment_vs_rate{suffix}.png"
+        written.append(plot_attainment(systems, slo, target, path, class_name))
     return written
 
 
@@ -65,33 +91,40 @@ def stored_slo(systems: Systems) -> SLO:
     """The SLO recorded with the first run that has one."""
     for runs in systems.values():
         for run in runs:
-            stored = run.summary.get("slo") or {}
-            if stored.get("ttft_ms") is not None or stored.get("tpot_ms") is not None:
-                return SLO(ttft_ms=stored.get("ttft_ms"), tpot_ms=stored.get("tpot_ms"))
+            stored = SLO.from_json(run.summary.get("slo"))
+            if stored.is_set:
+                return stored
     return SLO()
 
 
-def plot_latency_cdfs(systems: Systems, path: Path, rate: float | None = None) -> Path:
+def plot_latency_cdfs(
+    systems: Systems, path: Path, rate: float | None = None, class_name: str | None = None
+) -> Path:
     figure, (ttft_axes, tpot_axes) = _figure(ncols=2)
     for label, runs in systems.items():
         run = pick_run(runs, rate)
-        done = [record for record in run.records if record.is_success]
+        done = [record for record in _of_class(run.records, class_name) if record.is_success]
         name = f"{label} @ {run.x_rate:g} req/s"
         _plot_cdf(ttft_axes, [r.ttft_s * 1000 for r in done if r.ttft_s is not None], name)
         _plot_cdf(tpot_axes, [r.tpot_s * 1000 for r in done if r.tpot_s is not None], name)
-    _decorate(ttft_axes, "TTFT (ms)", "fraction of requests", "TTFT CDF")
-    _decorate(tpot_axes, "TPOT (ms)", "fraction of requests", "TPOT CDF")
+    _decorate(ttft_axes, "TTFT (ms)", "fraction of requests", _title("TTFT CDF", class_name))
+    _decorate(tpot_axes, "TPOT (ms)", "fraction of requests", _title("TPOT CDF", class_name))
     return _save(figure, path)
 
 
 def plot_percentiles_vs_rate(
-    systems: Systems, key: str, name: str, slo_ms: float | None, path: Path
+    systems: Systems,
+    key: str,
+    name: str,
+    slo_ms: float | None,
+    path: Path,
+    class_name: str | None = None,
 ) -> Path:
     figure, (axes,) = _figure(ncols=1)
     for index, (label, runs) in enumerate(systems.items()):
         rates = [run.x_rate for run in runs]
         for stat, style in PERCENTILE_STYLES:
-            values = [(run.summary.get(key) or {}).get(stat) for run in runs]
+            values = [(_summary_of(run, class_name).get(key) or {}).get(stat) for run in runs]
             axes.plot(
                 rates,
                 _nan_for_none(values),
@@ -102,20 +135,40 @@ def plot_percentiles_vs_rate(
             )
     if slo_ms is not None:
         axes.axhline(slo_ms, color="grey", linewidth=1, label=f"SLO {slo_ms:g} ms")
-    _decorate(axes, "request rate (req/s)", f"{name} (ms)", f"{name} percentiles vs request rate")
+    title = _title(f"{name} percentiles vs request rate", class_name)
+    _decorate(axes, "request rate (req/s)", f"{name} (ms)", title)
     return _save(figure, path)
 
 
-def plot_attainment(systems: Systems, slo: SLO, target: float, path: Path) -> Path:
+def plot_attainment(
+    systems: Systems, slo: SLO, target: float, path: Path, class_name: str | None = None
+) -> Path:
     figure, (axes,) = _figure(ncols=1)
     for index, (label, runs) in enumerate(systems.items()):
         rates = [run.x_rate for run in runs]
-        attainment = [slo_attainment(run.records, slo) for run in runs]
+        attainment = [slo_attainment(_of_class(run.records, class_name), slo) for run in runs]
         axes.plot(rates, _nan_for_none(attainment), marker="o", color=f"C{index}", label=label)
     axes.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     axes.set_ylim(-0.02, 1.02)
-    _decorate(axes, "request rate (req/s)", "SLO attainment", "SLO attainment vs request rate")
+    title = _title("SLO attainment vs request rate", class_name)
+    _decorate(axes, "request rate (req/s)", "SLO attainment", title)
     return _save(figure, path)
+
+
+def _of_class(records: Sequence[RequestRecord], class_name: str | None) -> list[RequestRecord]:
+    if class_name is None:
+        return list(records)
+    return [record for record in records if record.class_name == class_name]
+
+
+def _summary_of(run: RunResult, class_name: str | None) -> dict:
+    if class_name is None:
+        return run.summary
+    return (run.summary.get("classes") or {}).get(class_name) or {}
+
+
+def _title(title: str, class_name: str | None) -> str:
+    return f"{title} (class {class_name})" if class_name else title
 
 
 def _figure(ncols: int) -> tuple[Figure, list[Axes]]:

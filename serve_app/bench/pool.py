@@ -36,7 +36,7 @@ def pool_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     if len(kinds) != 1 or len(labels) != 1:
         raise ValueError(f"pool files of one kind and one label, got kinds {kinds}, labels {labels}")
     first = files[0]
-    slo = SLO(**(first.get("config") or {}).get("slo", {}))
+    slo = SLO.from_json((first.get("config") or {}).get("slo"))
     header = {key: first[key] for key in ("kind", "label", "command", "config") if key in first}
     header["started_at"] = first.get("started_at")
     if kinds == {"sweep"}:

@@ -27,7 +27,8 @@ class RequestRecord:
     `scheduled_s` is when the arrival process released the request and `start_s` when it was
     sent (later than `scheduled_s` only while waiting for a concurrency slot); both are relative
     to the start of the run. `ttft_s` and `e2e_s` count from `start_s`. `itl_s` holds the gap
-    between each pair of successive content chunks. `error` is `None` on success.
+    between each pair of successive content chunks. `error` is `None` on success. `class_name`
+    is the request's class in a mixed workload (`None` otherwise).
     """
 
     request_id: str
@@ -40,6 +41,7 @@ class RequestRecord:
     output_tokens: int = 0
     expected_output_tokens: int | None = None
     error: str | None = None
+    class_name: str | None = None
 
     @property
     def is_success(self) -> bool:

@@ -1,4 +1,4 @@
-"""Plain-text tables for one run's summary and for a sweep."""
+"""Plain-text tables for one run's summary and for a sweep (with one block per class of a mix)."""
 
 from __future__ import annotations
 
@@ -46,11 +46,27 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{_slo_text(summary['slo'])}: attainment {summary['slo_attainment']:.1%}, "
             f"{summary['slo_goodput_rps']:.2f} req/s within SLO"
         )
+    lines.append(_latency_table(summary))
+    lines += [f"  {count} x {error}" for error, count in (summary.get("errors") or {}).items()]
+    for name, part in (summary.get("classes") or {}).items():
+        lines += ["", _class_line(name, part), _latency_table(part)]
+    return "\n".join(lines)
+
+
+def _latency_table(summary: dict[str, Any]) -> str:
     header = ["metric", "mean", *[f"p{q}" for q in PERCENTILES]]
     rows = [[name, *_latency_cells(summary[key])] for key, name in LATENCY_ROWS]
-    lines.append(format_table(header, rows))
-    lines += [f"  {count} x {error}" for error, count in (summary.get("errors") or {}).items()]
-    return "\n".join(lines)
+    return format_table(header, rows)
+
+
+def _class_line(name: str, summary: dict[str, Any]) -> str:
+    line = (
+        f"class {name}: {summary['num_requests']} requests ({summary['num_errors']} failed), "
+        f"{summary['request_throughput_rps']:.2f} req/s"
+    )
+    if summary.get("slo_attainment") is not None:
+        line += f", {_slo_text(summary['slo'])}: attainment {summary['slo_attainment']:.1%}"
+    return line
 
 
 def format_sweep(
@@ -68,6 +84,13 @@ def format_sweep(
     ]
     rows = [_sweep_row(rate, summary) for rate, summary in runs]
     lines = [format_table(header, rows)]
+    class_rows = [
+        [f"{rate:g}", name, *_sweep_row(rate, part)[1:]]
+        for rate, summary in runs
+        for name, part in (summary.get("classes") or {}).items()
+    ]
+    if class_rows:
+        lines += ["", format_table([header[0], "class", *header[1:]], class_rows)]
     if goodput is not None:
         value = goodput.goodput_rps
         text = f"{value:g} req/s" if value is not None else "below the lowest tested rate"

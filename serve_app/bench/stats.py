@@ -16,14 +16,18 @@ Definitions (all latencies in the summary are milliseconds):
   has no TPOT and passes that check.
 - Goodput (DistServe): the highest tested request rate whose SLO attainment is at least the
   target (0.9 by default).
+- Mixed workloads: a summary of records that carry a `class_name` also has `classes`, one
+  summary per class (same definitions, over that class's requests and the whole run's
+  duration). An SLO may set other limits per class (`SLO.per_class`); each request is judged by
+  its class's limits, so the overall attainment and goodput count every class by its own SLO.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.bench.records import RequestRecord
@@ -57,17 +61,47 @@ def latency_stats_ms(values_s: Sequence[float]) -> dict[str, float | int | None]
 
 @dataclass(frozen=True)
 class SLO:
+    """Latency limits; `per_class` replaces them for one class of a mix (a limit left `None`
+    there keeps the overall one)."""
+
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    per_class: Mapping[str, SLO] = field(default_factory=dict)
 
     @property
     def is_set(self) -> bool:
-        return self.ttft_ms is not None or self.tpot_ms is not None
+        has_own = self.ttft_ms is not None or self.tpot_ms is not None
+        return has_own or any(slo.is_set for slo in self.per_class.values())
+
+    def for_class(self, name: str | None) -> SLO:
+        """The limits a request of class `name` is judged by."""
+        own = self.per_class.get(name) if name is not None else None
+        if own is None:
+            return SLO(self.ttft_ms, self.tpot_ms)
+        return SLO(
+            ttft_ms=self.ttft_ms if own.ttft_ms is None else own.ttft_ms,
+            tpot_ms=self.tpot_ms if own.tpot_ms is None else own.tpot_ms,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms}
+        if self.per_class:
+            data["per_class"] = {name: slo.to_json() for name, slo in self.per_class.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> SLO:
+        data = data or {}
+        per_class = {
+            name: cls.from_json(raw) for name, raw in (data.get("per_class") or {}).items()
+        }
+        return cls(ttft_ms=data.get("ttft_ms"), tpot_ms=data.get("tpot_ms"), per_class=per_class)
 
 
 def meets_slo(record: RequestRecord, slo: SLO) -> bool:
     if not record.is_success:
         return False
+    slo = slo.for_class(record.class_name)
     if slo.ttft_ms is not None and (record.ttft_s is None or record.ttft_s * 1000 > slo.ttft_ms):
         return False
     tpot_s = record.tpot_s
@@ -87,11 +121,33 @@ def records_duration_s(records: Sequence[RequestRecord]) -> float:
     return max(ends, default=0.0)
 
 
+def class_names(records: Sequence[RequestRecord]) -> list[str]:
+    """The mix classes among `records`, sorted (empty for a workload without classes)."""
+    return sorted({record.class_name for record in records if record.class_name is not None})
+
+
 def summarize(
     records: Sequence[RequestRecord], duration_s: float | None = None, slo: SLO | None = None
 ) -> dict[str, Any]:
     slo = slo or SLO()
     duration_s = records_duration_s(records) if duration_s is None else duration_s
+    summary = _summarize_group(records, duration_s, slo)
+    names = class_names(records)
+    if names:
+        summary["classes"] = {
+            name: _summarize_group(
+                [record for record in records if record.class_name == name],
+                duration_s,
+                slo.for_class(name),
+            )
+            for name in names
+        }
+    return summary
+
+
+def _summarize_group(
+    records: Sequence[RequestRecord], duration_s: float, slo: SLO
+) -> dict[str, Any]:
     done = [record for record in records if record.is_success]
     total_output = sum(record.output_tokens for record in done)
     num_meeting = sum(meets_slo(record, slo) for record in records) if slo.is_set else None
@@ -109,7 +165,7 @@ def summarize(
         "tpot_ms": latency_stats_ms([r.tpot_s for r in done if r.tpot_s is not None]),
         "itl_ms": latency_stats_ms([gap for r in done for gap in r.itl_s]),
         "e2e_ms": latency_stats_ms([r.e2e_s for r in done if r.e2e_s is not None]),
-        "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "slo": slo.to_json(),
         "slo_attainment": slo_attainment(records, slo),
         "slo_goodput_rps": None if num_meeting is None else _per_second(num_meeting, duration_s),
     }

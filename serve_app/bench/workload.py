@@ -12,11 +12,21 @@ Dataset rows (one JSON object per line; a JSON array file is accepted too):
   the first human turn is the prompt and the reply after it sets the output length (tokens with a
   tokenizer, words without). `role`/`content` keys are accepted as well as `from`/`value`.
 - `{"prompt": ..., "output_len": ...}`.
+
+A mix (`--mix`) is n classes of synthetic requests, each with a weight and exact lengths:
+`"chat:0.8:64:128,doc:0.2:1700:8"` (`name:weight:input_len:output_len`, weights need not sum to
+1), or a JSON file holding a list of `{"name", "weight", "input_len", "output_len"}` objects (or
+`{"classes": [...]}`). Request `index` draws its class, then its words, from the RNG seeded with
+`(seed, index)`, so a request is the same in every run and system; its `Prompt.class_name` goes
+into its record.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,15 +48,30 @@ HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant", "chatgpt", "model", "bard")
 
 
+CLASS_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")  # safe in file names and table rows
+
+
 @dataclass(frozen=True)
 class Prompt:
     text: str
+    output_len: int
+    class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class MixClass:
+    """One class of a mixed workload: its share of requests and its exact lengths."""
+
+    name: str
+    weight: float
+    input_len: int
     output_len: int
 
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    """Where prompts come from. A `*_range` is inclusive and overrides the fixed length."""
+    """Where prompts come from. A `*_range` is inclusive and overrides the fixed length; a `mix`
+    replaces the lengths (it cannot be combined with ranges or a dataset)."""
 
     input_len: int = 256
     output_len: int = 32
@@ -56,6 +81,17 @@ class WorkloadConfig:
     is_output_len_forced: bool = False
     tokenizer: str | None = None
     seed: int = 0
+    mix: tuple[MixClass, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mix is None:
+            return
+        if not self.mix:
+            raise ValueError("--mix needs at least one class")
+        if self.dataset is not None:
+            raise ValueError("--mix and --dataset are exclusive: a mix makes its own prompts")
+        if self.input_len_range is not None or self.output_len_range is not None:
+            raise ValueError("--mix sets every class's lengths: drop --input/output-len-range")
 
 
 class PromptSource(Protocol):
@@ -125,6 +161,31 @@ class SyntheticPrompts:
         return Prompt(text=self.text_maker.make(input_len, rng), output_len=output_len)
 
 
+class MixedPrompts:
+    """Synthetic prompts of a mix: request `index` draws its class from `(seed, index)`."""
+
+    def __init__(self, classes: tuple[MixClass, ...], seed: int, text_maker: TextMaker) -> None:
+        total = sum(mix_class.weight for mix_class in classes)
+        self.classes = classes
+        self.seed = seed
+        self.text_maker = text_maker
+        self.cumulative = [part / total for part in itertools.accumulate(c.weight for c in classes)]
+
+    def get(self, index: int) -> Prompt:
+        rng = np.random.default_rng([self.seed, index])
+        mix_class = self._draw(rng)
+        text = self.text_maker.make(mix_class.input_len, rng)
+        return Prompt(text=text, output_len=mix_class.output_len, class_name=mix_class.name)
+
+    def class_of(self, index: int) -> MixClass:
+        """The class request `index` gets, without making its text."""
+        return self._draw(np.random.default_rng([self.seed, index]))
+
+    def _draw(self, rng: np.random.Generator) -> MixClass:
+        position = bisect.bisect_right(self.cumulative, float(rng.random()))
+        return self.classes[min(position, len(self.classes) - 1)]
+
+
 class DatasetPrompts:
     """Dataset prompts in a seeded shuffled order, cycled when a run needs more of them."""
 
@@ -140,6 +201,8 @@ class DatasetPrompts:
 
 def make_prompt_source(config: WorkloadConfig) -> PromptSource:
     text_maker = make_text_maker(config.tokenizer)
+    if config.mix is not None:
+        return MixedPrompts(config.mix, config.seed, text_maker)
     if config.dataset is None:
         return SyntheticPrompts(config, text_maker)
     forced = config.output_len if config.is_output_len_forced else None
@@ -184,6 +247,89 @@ def parse_len_range(spec: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise ValueError(f"length range needs 1 <= a <= b, got {spec!r}")
     return low, high
+
+
+def parse_mix(spec: str) -> tuple[MixClass, ...]:
+    """`"name:weight:input_len:output_len,..."`, or a path ending in `.json` (see the docstring).
+
+    Every error names the bad part: weights must be > 0, lengths >= 1, names unique and made of
+    letters, digits, `_` and `-`.
+    """
+    if spec.strip().endswith(".json"):
+        return _mix_from_json(Path(spec.strip()))
+    parts = [part.strip() for part in spec.split(",")]
+    if not any(parts):
+        raise ValueError("--mix is empty: give name:weight:input_len:output_len[,...]")
+    return _checked_mix([_mix_class_from_text(part) for part in parts])
+
+
+def _mix_class_from_text(part: str) -> MixClass:
+    fields = part.split(":")
+    if len(fields) != 4:
+        raise ValueError(
+            f"--mix part {part!r}: expected name:weight:input_len:output_len (4 fields), "
+            f"got {len(fields)}"
+        )
+    name, weight, input_len, output_len = fields
+    return _mix_class(f"part {part!r}", name, weight, input_len, output_len)
+
+
+def _mix_from_json(path: Path) -> tuple[MixClass, ...]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--mix file {str(path)!r}: {exc}") from exc
+    rows = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"--mix file {str(path)!r}: expected a non-empty list of classes")
+    classes = []
+    for number, row in enumerate(rows, start=1):
+        where = f"{path.name} class {number}"
+        keys = ("name", "weight", "input_len", "output_len")
+        if not isinstance(row, dict) or any(key not in row for key in keys):
+            raise ValueError(f"--mix {where}: expected an object with keys {', '.join(keys)}")
+        classes.append(_mix_class(where, *(str(row[key]) for key in keys)))
+    return _checked_mix(classes)
+
+
+def _mix_class(where: str, name: str, weight: str, input_len: str, output_len: str) -> MixClass:
+    name = name.strip()
+    if not CLASS_NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"--mix {where}: class name {name!r} must be letters, digits, '_' or '-'")
+    return MixClass(
+        name=name,
+        weight=_weight(where, weight),
+        input_len=_length(where, "input_len", input_len),
+        output_len=_length(where, "output_len", output_len),
+    )
+
+
+def _weight(where: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"--mix {where}: weight must be a number > 0, got {text.strip()!r}")
+    return value
+
+
+def _length(where: str, field: str, text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--mix {where}: {field} must be an integer >= 1, got {text.strip()!r}")
+    return value
+
+
+def _checked_mix(classes: list[MixClass]) -> tuple[MixClass, ...]:
+    names = [mix_class.name for mix_class in classes]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--mix: class names must be unique, repeated: {', '.join(repeated)}")
+    return tuple(classes)
 
 
 def _pick_len(fixed: int, bounds: tuple[int, int] | None, rng: np.random.Generator) -> int:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from serve_app.bench.__main__ import main as bench_main
 from serve_app.bench.arrivals import arrival_offsets, inter_arrival_times
+from serve_app.bench.cli import build_configs, build_parser
 from serve_app.bench.records import RequestRecord
 from serve_app.bench.stats import SLO, find_goodput, percentile, slo_attainment, summarize
 from serve_app.bench.sweep import bisect_rate
 from serve_app.bench.workload import (
     DatasetPrompts,
+    MixedPrompts,
     SyntheticPrompts,
     WordText,
     WorkloadConfig,
     load_dataset,
+    make_prompt_source,
     parse_len_range,
+    parse_mix,
 )
 
 TINY_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llama"
@@ -268,3 +274,190 @@ def test_tokenizer_prompts_have_exact_token_counts() -> None:
         for index in range(5):
             text = maker.make(length, np.random.default_rng([index, length]))
             assert len(maker.tokenizer.encode(text)) == length
+
+
+# mixed workloads ------------------------------------------------------------------------------
+
+ISSUE_MIX = "chat:0.8:64:128,doc:0.2:1700:8"
+
+
+def test_mix_class_proportions_and_reproducibility() -> None:
+    classes = parse_mix("chat:6:4:3, mid:3:8:2 ,doc:1:16:1")
+    assert [(c.name, c.weight, c.input_len, c.output_len) for c in classes] == [
+        ("chat", 6.0, 4, 3), ("mid", 3.0, 8, 2), ("doc", 1.0, 16, 1)]
+    source = MixedPrompts(classes, seed=5, text_maker=WordText())
+    drawn = [source.class_of(index).name for index in range(20_000)]
+    for name, share in (("chat", 0.6), ("mid", 0.3), ("doc", 0.1)):
+        assert drawn.count(name) / len(drawn) == pytest.approx(share, abs=0.01)
+    for index in range(50):
+        prompt = source.get(index)
+        mix_class = next(c for c in classes if c.name == prompt.class_name)
+        assert prompt.class_name == drawn[index]
+        assert (len(prompt.text.split()), prompt.output_len) == (
+            mix_class.input_len, mix_class.output_len)
+        assert source.get(index) == prompt  # from (seed, index) alone
+    other_seed = MixedPrompts(classes, seed=6, text_maker=WordText())
+    assert [other_seed.class_of(i).name for i in range(200)] != drawn[:200]
+
+
+@pytest.mark.skipif(not TINY_MODEL.exists(), reason="run `make setup` first")
+def test_mix_prompts_have_each_class_exact_token_counts() -> None:
+    from serve_app.bench.workload import TokenizerText
+
+    maker = TokenizerText(str(TINY_MODEL))
+    source = make_prompt_source(
+        WorkloadConfig(mix=parse_mix(ISSUE_MIX), tokenizer=str(TINY_MODEL), seed=3))
+    prompts = [source.get(index) for index in range(30)]
+    assert {p.class_name for p in prompts} == {"chat", "doc"}
+    lengths = {"chat": (64, 128), "doc": (1700, 8)}
+    for prompt in prompts:
+        assert (len(maker.tokenizer.encode(prompt.text)), prompt.output_len) == lengths[
+            prompt.class_name]
+
+
+def test_mix_from_a_json_file(tmp_path: Path) -> None:
+    rows = [{"name": "chat", "weight": 0.8, "input_len": 64, "output_len": 128},
+            {"name": "doc", "weight": 0.2, "input_len": 1700, "output_len": 8}]
+    (tmp_path / "mix.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"classes": rows}))
+    assert parse_mix(str(tmp_path / "mix.json")) == parse_mix(ISSUE_MIX)
+    assert parse_mix(str(tmp_path / "wrapped.json")) == parse_mix(ISSUE_MIX)
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {**rows[1], "weight": -1}]))
+    with pytest.raises(ValueError, match=r"bad.json class 2: weight must be a number > 0"):
+        parse_mix(str(tmp_path / "bad.json"))
+    (tmp_path / "short.json").write_text(json.dumps([{"name": "x", "weight": 1}]))
+    with pytest.raises(ValueError, match="short.json class 1: expected an object with keys"):
+        parse_mix(str(tmp_path / "short.json"))
+    with pytest.raises(ValueError, match="missing.json"):
+        parse_mix(str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("chat:0:64:128", "part 'chat:0:64:128': weight must be a number > 0, got '0'"),
+        ("chat:1:64:128,doc:-2:1700:8", "part 'doc:-2:1700:8': weight must be a number > 0"),
+        ("chat:1:64:128,doc:x:1700:8", "part 'doc:x:1700:8': weight must be a number > 0"),
+        ("chat:1:0:128", "part 'chat:1:0:128': input_len must be an integer >= 1, got '0'"),
+        ("chat:1:64:0", "part 'chat:1:64:0': output_len must be an integer >= 1, got '0'"),
+        ("chat:1:6.5:2", "input_len must be an integer >= 1, got '6.5'"),
+        ("chat:1:64", "part 'chat:1:64': expected name:weight:input_len:output_len"),
+        ("a b:1:2:3", "class name 'a b' must be letters, digits"),
+        ("x:1:2:3,x:2:3:4", "class names must be unique, repeated: x"),
+        ("", "--mix is empty"),
+    ],
+)
+def test_mix_errors_name_the_bad_part(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_mix(spec)
+
+
+def test_mix_excludes_datasets_and_ranges() -> None:
+    mix = parse_mix(ISSUE_MIX)
+    with pytest.raises(ValueError, match="--mix and --dataset are exclusive"):
+        WorkloadConfig(mix=mix, dataset="rows.jsonl")
+    with pytest.raises(ValueError, match="drop --input/output-len-range"):
+        WorkloadConfig(mix=mix, input_len_range=(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mix", "chat:1:64:128,doc:0:1700:8"], "argument --mix: --mix part 'doc:0:1700:8': "
+                                                  "weight must be a number > 0"),
+        (["--mix", ISSUE_MIX, "--dataset", "x.jsonl"], "--mix and --dataset are exclusive"),
+        (["--mix", ISSUE_MIX, "--class-slo", "img:100:-"],
+         "--class-slo names img, not a class of --mix (chat, doc)"),
+        (["--class-slo", "doc:100:-"], "--class-slo names doc, not a class of --mix (none"),
+        (["--mix", ISSUE_MIX, "--class-slo", "doc:100"], "must look like NAME:TTFT_MS:TPOT_MS"),
+        (["--mix", ISSUE_MIX, "--class-slo", "doc:0:-"], "TTFT_MS must be a number > 0 or '-'"),
+        (["--mix", ISSUE_MIX, "--class-slo", "doc:1:-", "--class-slo", "doc:2:-"],
+         "one entry per class, repeated: doc"),
+    ],
+)
+def test_mix_flags_fail_with_a_clear_usage_error(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_main(["run", "--model", "m", "--no-progress", *extra])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_mix_flags_build_the_configs() -> None:
+    args = build_parser().parse_args(
+        ["sweep", "--model", "m", "--rates", "1,2", "--mix", ISSUE_MIX, "--slo-ttft-ms", "300",
+         "--slo-tpot-ms", "40", "--class-slo", "doc:2000:-", "--class-slo", "chat::20"])
+    _, workload, slo = build_configs(args)
+    assert workload.mix == parse_mix(ISSUE_MIX)
+    assert slo.for_class("doc") == SLO(ttft_ms=2000, tpot_ms=40)
+    assert slo.for_class("chat") == SLO(ttft_ms=300, tpot_ms=20)
+    assert slo.for_class(None) == SLO(ttft_ms=300, tpot_ms=40)
+    assert SLO.from_json(slo.to_json()) == slo
+
+
+def mixed_records() -> list[RequestRecord]:
+    """Three chats and two docs (one failed), round numbers in seconds."""
+    return [
+        RequestRecord("c1", ttft_s=0.1, e2e_s=0.5, output_tokens=5, itl_s=[0.1] * 4,
+                      class_name="chat"),
+        RequestRecord("c2", ttft_s=0.2, e2e_s=1.0, output_tokens=5, itl_s=[0.2] * 4,
+                      class_name="chat"),
+        RequestRecord("c3", ttft_s=0.3, e2e_s=0.7, output_tokens=5, itl_s=[0.1] * 4,
+                      class_name="chat"),
+        RequestRecord("d1", ttft_s=0.9, e2e_s=1.2, output_tokens=4, itl_s=[0.1] * 3,
+                      class_name="doc"),
+        RequestRecord("d2", e2e_s=0.05, error="HTTP 500: boom", class_name="doc"),
+    ]
+
+
+def test_per_class_summaries_by_hand() -> None:
+    slo = SLO(ttft_ms=250, tpot_ms=150, per_class={"doc": SLO(ttft_ms=1000)})
+    summary = summarize(mixed_records(), duration_s=2.0, slo=slo)
+    chat, doc = summary["classes"]["chat"], summary["classes"]["doc"]
+    assert list(summary["classes"]) == ["chat", "doc"]
+    # chat TTFT, ms: 100, 200, 300; h = 2q/100: P90 = 200 + 0.8 * 100, P99 = 200 + 0.98 * 100.
+    assert (chat["ttft_ms"]["p50"], chat["ttft_ms"]["p90"], chat["ttft_ms"]["p99"]) == (
+        pytest.approx(200.0), pytest.approx(280.0), pytest.approx(298.0))
+    # chat TPOT = (E2E - TTFT) / 4: 100, 200, 100 ms.
+    assert (chat["tpot_ms"]["p50"], chat["tpot_ms"]["p90"], chat["tpot_ms"]["p99"]) == (
+        pytest.approx(100.0), pytest.approx(180.0), pytest.approx(198.0))
+    # chat ITL pooled: eight gaps of 100 ms, four of 200 ms; h = 11q/100.
+    assert chat["itl_ms"]["count"] == 12
+    assert chat["itl_ms"]["p50"] == pytest.approx(100.0)
+    assert chat["itl_ms"]["p90"] == pytest.approx(200.0)  # h = 9.9: x[9] = x[10] = 200
+    assert chat["itl_ms"]["p99"] == pytest.approx(200.0)
+    assert chat["e2e_ms"]["p50"] == pytest.approx(700.0)
+    assert chat["request_throughput_rps"] == pytest.approx(1.5)  # 3 over the run's 2 s
+    # doc: one success (TTFT 900, TPOT 100, three 100 ms gaps) and one failure.
+    assert (doc["num_requests"], doc["num_completed"], doc["num_errors"]) == (2, 1, 1)
+    assert doc["ttft_ms"]["p99"] == pytest.approx(900.0)
+    assert doc["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert doc["itl_ms"]["count"] == 3
+    # SLOs: chat judged by TTFT <= 250, TPOT <= 150 (c1 only: c2 TPOT 200, c3 TTFT 300), doc by
+    # TTFT <= 1000 and TPOT <= 150 (d1 met, d2 failed).
+    assert chat["slo"] == {"ttft_ms": 250, "tpot_ms": 150}
+    assert doc["slo"] == {"ttft_ms": 1000, "tpot_ms": 150}
+    assert chat["slo_attainment"] == pytest.approx(1 / 3)
+    assert doc["slo_attainment"] == pytest.approx(1 / 2)
+    assert summary["slo_attainment"] == pytest.approx(2 / 5)
+    assert summary["slo"]["per_class"] == {"doc": {"ttft_ms": 1000, "tpot_ms": None}}
+    # Overall: TTFT of the four successes 100, 200, 300, 900.
+    assert summary["ttft_ms"]["p50"] == pytest.approx(250.0)
+    assert summary["ttft_ms"]["p99"] == pytest.approx(300 + 0.97 * 600)
+    assert "classes" not in summarize(fixed_records(), duration_s=2.0)
+
+
+def test_goodput_judges_each_request_by_its_class_slo() -> None:
+    def at_rate(doc_ttft_s: float) -> list[RequestRecord]:
+        chats = [RequestRecord(f"c{i}", ttft_s=0.1, e2e_s=0.2, output_tokens=2, class_name="chat")
+                 for i in range(9)]
+        return [*chats, RequestRecord("d", ttft_s=doc_ttft_s, e2e_s=doc_ttft_s + 0.1,
+                                      output_tokens=2, class_name="doc")]
+
+    runs = [(1.0, at_rate(0.8)), (2.0, at_rate(1.5)), (4.0, at_rate(3.0))]
+    overall_only = SLO(ttft_ms=500)
+    with_doc_slo = SLO(ttft_ms=500, per_class={"doc": SLO(ttft_ms=2000)})
+    assert find_goodput(runs, overall_only, target=0.95).goodput_rps is None
+    assert find_goodput(runs, with_doc_slo, target=0.95).goodput_rps == 2.0
+    assert SLO(per_class={"doc": SLO(ttft_ms=1.0)}).is_set

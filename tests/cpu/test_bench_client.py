@@ -291,3 +291,33 @@ def test_sweep_command_saves_runs_and_goodput(server: ServerThread, tmp_path: Pa
     assert saved["config"]["load"]["request_rate"] == [40.0, 20.0]
     assert main(["plot", str(path), "--out", str(tmp_path / "plots")]) == 0
     assert len(list((tmp_path / "plots").glob("*.png"))) == 4
+
+
+def test_mixed_sweep_command_records_classes(server: ServerThread, tmp_path: Path) -> None:
+    path = tmp_path / "mixed.json"
+    before = len(server.requests)
+    argv = [
+        "sweep", "--base-url", server.base_url, "--model", "tiny", "--rates", "40,20",
+        "--num-requests", "8", "--mix", "chat:3:4:3,doc:1:12:1", "--slo-ttft-ms", "5000",
+        "--class-slo", "doc:6000:-", "--label", "stand-in", "--save", str(path), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    saved = json.loads(path.read_text())
+    assert [c["name"] for c in saved["config"]["workload"]["mix"]] == ["chat", "doc"]
+    assert saved["config"]["slo"]["per_class"] == {"doc": {"ttft_ms": 6000.0, "tpot_ms": None}}
+    lengths = {"chat": (4, 3), "doc": (12, 1)}
+    bodies = [request["body"] for request in server.requests[before:]]
+    for run in saved["runs"]:
+        records = run["records"]
+        assert {record["class_name"] for record in records} == {"chat", "doc"}
+        for record in records:
+            assert (record["prompt_tokens"], record["output_tokens"]) == lengths[
+                record["class_name"]]
+        classes = run["summary"]["classes"]
+        assert sum(part["num_requests"] for part in classes.values()) == 8
+        assert classes["doc"]["slo"] == {"ttft_ms": 6000.0, "tpot_ms": None}
+    # The same seed: both rates send the same prompts, each with its class's max_tokens.
+    assert [body["prompt"] for body in bodies[:8]] == [body["prompt"] for body in bodies[8:]]
+    assert all(body["ignore_eos"] is True for body in bodies)
+    assert main(["plot", str(path), "--out", str(tmp_path / "plots")]) == 0
+    assert len(list((tmp_path / "plots").glob("*_doc.png"))) == 4
