@@ -16,8 +16,15 @@ next one starts, so they never compete for the machine):
   default run until that is understood.
 
 Workloads (streaming completions, fixed prompt and output lengths, `ignore_eos`): concurrency 1
-(added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). Every
-number comes from `python -m serve_app.bench`, whose exact commands are written next to results.
+(added latency), concurrency 8 (throughput), and a Poisson rate sweep (goodput under SLOs). With
+`--mix` the mixed workload runs instead: warm-up requests of the mix (not counted), N requests at
+a Poisson rate, and the mix in a rate sweep (goodput); figures per class and overall
+(`side_by_side_workloads`). Every number comes from `python -m serve_app.bench`, whose exact
+commands are written next to results.
+
+Extra systems: `--extra-system LABEL=CONFIG` (repeatable) adds this app served from another serve
+config, started exactly like `pd` (e.g. `pd-nocond=configs/local-cpu-nocond.yaml`); it joins the
+rounds after the `--systems` (unless named there) and is checked against the targets like `pd`.
 
 Rounds: on a small shared machine one run of a system can differ from the next run of the same
 system by 20-40%, more than the systems differ. So every system runs `--rounds` times,
@@ -33,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -47,10 +55,27 @@ import yaml
 from serve_app.bench.launch_common import load_serve_yaml, model_source
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import save_json
-from serve_app.bench.verdict import KINDS, load_figures, rounds_table, target_lines
+from serve_app.bench.side_by_side_workloads import (
+    add_workload_args,
+    check_workload_args,
+    describe_workload,
+    round_path,
+    workload_kinds,
+    workload_steps,
+)
+from serve_app.bench.verdict import (
+    MIXED_KINDS,
+    load_figures,
+    load_mixed_figures,
+    mixed_rounds_table,
+    mixed_target_lines,
+    rounds_table,
+    target_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8000
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -146,6 +171,45 @@ def systems(setup: Setup) -> dict[str, System]:
     }
 
 
+def extra_systems(
+    specs: list[str], model: str | None, out: Path, taken: list[str]
+) -> dict[str, System]:
+    """`LABEL=CONFIG` -> this app served from CONFIG (with `model` in a copy of it, as the
+    presets get), started like `pd`. Raises ValueError naming the bad spec."""
+    extra: dict[str, System] = {}
+    for spec in specs:
+        label, sep, path_text = spec.partition("=")
+        label = label.strip()
+        if not sep or not LABEL_PATTERN.fullmatch(label) or not path_text.strip():
+            raise ValueError(f"--extra-system must look like LABEL=CONFIG, got {spec!r}")
+        if label in (*taken, *extra):
+            raise ValueError(f"--extra-system {spec!r}: label {label!r} is already taken")
+        config = Path(path_text.strip())
+        config = config if config.is_absolute() or config.exists() else ROOT / config
+        _check_serve_config(spec, config)
+        if model is not None:
+            config = _with_model(config, model_source(model), out / "configs" / label)
+        extra[label] = System(label, ["scripts/serve-local", str(config.resolve())],
+                              f"this app served from `{_shown(config.resolve())}`")
+    return extra
+
+
+def _check_serve_config(spec: str, config: Path) -> None:
+    """Fail before any system starts: a config that cannot be read, or that serves elsewhere."""
+    from serve_app.config import AppConfig
+
+    try:
+        data = load_serve_yaml(config)
+        AppConfig.model_validate(data["applications"][0].get("args") or {})
+    except Exception as exc:  # any unreadable or invalid config: the message says which
+        raise ValueError(f"--extra-system {spec!r}: {config} is not a valid serve config: "
+                         f"{str(exc).splitlines()[0]}") from exc
+    port = (data.get("http_options") or {}).get("port", PORT)
+    if port != PORT:
+        raise ValueError(f"--extra-system {spec!r}: {config} serves on port {port}; the "
+                         f"side-by-side talks to {PORT}")
+
+
 def start(system: System, log_path: Path, timeout_s: float) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = log_path.open("w")
@@ -189,10 +253,6 @@ def bench(args: list[str], log: Path) -> list[str]:
     return command
 
 
-def round_path(out: Path, label: str, kind: str, round_no: int) -> Path:
-    return out / "rounds" / f"{label}-{kind}.r{round_no}.json"
-
-
 def round_order(labels: list[str], round_no: int) -> list[str]:
     """Round 1 keeps the given order, each later round starts one system further on."""
     shift = (round_no - 1) % len(labels)
@@ -202,52 +262,50 @@ def round_order(labels: list[str], round_no: int) -> list[str]:
 def run_workloads(
     label: str, opts: argparse.Namespace, setup: Setup, round_no: int
 ) -> list[list[str]]:
-    out = opts.out
-    common = [
-        "--base-url", f"http://127.0.0.1:{PORT}", "--model", setup.model_name,
-        "--input-len", str(opts.input_len), "--output-len", str(opts.output_len),
-        "--tokenizer", setup.model_source, "--label", label, "--no-progress",
-        "--slo-ttft-ms", str(opts.slo_ttft_ms), "--slo-tpot-ms", str(opts.slo_tpot_ms),
-    ]
-    log = out / "rounds" / f"{label}.r{round_no}.bench.log"
+    """Every workload on the running system; returns the saved runs' bench commands."""
+    log = opts.out / "rounds" / f"{label}.r{round_no}.bench.log"
     log.write_text("")
-    bench(["run", *common, "--concurrency", "2", "--num-requests", "6"], log)  # warm-up
-    return [
-        bench(["run", *common, "--concurrency", "1", "--num-requests", str(opts.num_c1),
-               "--save", str(round_path(out, label, "c1", round_no))], log),
-        bench(["run", *common, "--concurrency", "8", "--num-requests", str(opts.num_c8),
-               "--save", str(round_path(out, label, "c8", round_no))], log),
-        bench(["sweep", *common, "--rates", opts.rates, "--num-requests", str(opts.num_per_rate),
-               "--save", str(round_path(out, label, "sweep", round_no))], log),
-    ]
+    steps = workload_steps(label, opts, f"http://127.0.0.1:{PORT}", setup.model_name,
+                           setup.model_source, round_no)
+    commands = [(step.kind, bench(step.args, log)) for step in steps]
+    return [command for kind, command in commands if kind is not None]
 
 
-def pool_rounds(labels: list[str], out: Path, num_rounds: int) -> None:
+def pool_rounds(labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...]) -> None:
     """`LABEL-KIND.json` from the rounds' `rounds/LABEL-KIND.rN.json`."""
     for label in labels:
-        for kind in KINDS:
+        for kind in kinds:
             paths = [round_path(out, label, kind, n) for n in range(1, num_rounds + 1)]
             save_json(out / f"{label}-{kind}.json", pool_results(paths))
 
 
-def headline(labels: list[str], out: Path, num_rounds: int) -> tuple[str, list[str]]:
-    """The per-round figures table and the target verdicts (on the pooled figures)."""
+def headline(
+    labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...], apps: list[str]
+) -> tuple[str, list[str]]:
+    """The per-round figures table and the target verdicts (on the pooled figures); `apps` are
+    the labels checked as this app in a mixed workload (`pd` and the extra systems)."""
     columns = [f"round {n}" for n in range(1, num_rounds + 1)] + ["pooled"]
+    is_mixed = kinds == MIXED_KINDS
+    load = load_mixed_figures if is_mixed else load_figures
     figures = {}
     for label in labels:
-        files = [{kind: round_path(out, label, kind, n) for kind in KINDS}
+        files = [{kind: round_path(out, label, kind, n) for kind in kinds}
                  for n in range(1, num_rounds + 1)]
-        files.append({kind: out / f"{label}-{kind}.json" for kind in KINDS})
-        figures[label] = [load_figures(f) for f in files]
-    table = rounds_table(figures, labels[0], columns)
-    verdicts = target_lines({label: f[-1] for label, f in figures.items()}, labels[0])
-    return table, verdicts
+        files.append({kind: out / f"{label}-{kind}.json" for kind in kinds})
+        figures[label] = [load(f) for f in files]
+    pooled = {label: f[-1] for label, f in figures.items()}
+    if is_mixed:
+        return mixed_rounds_table(figures, columns), mixed_target_lines(pooled, labels[0], apps)
+    return rounds_table(figures, labels[0], columns), target_lines(pooled, labels[0])
 
 
-def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], argv: list[str]):
+def report(
+    labels: list[str], out: Path, commands: dict[str, list[list[str]]], argv: list[str],
+    kinds: tuple[str, ...],
+):
     baseline = labels[0]
     sections = []
-    for kind in KINDS:
+    for kind in kinds:
         files = [str(out / f"{label}-{kind}.json") for label in labels]
         table = subprocess.run(
             [sys.executable, "-m", "serve_app.bench", "compare", *files, "--baseline", baseline],
@@ -255,8 +313,9 @@ def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], a
         ).stdout
         sections.append((kind, table))
     subprocess.run(
-        [sys.executable, "-m", "serve_app.bench", "plot",
-         *[str(out / f"{label}-sweep.json") for label in labels], "--out", str(out / "plots")],
+        [sys.executable, "-m", "serve_app.bench", "plot",  # the sweep kind is the last one
+         *[str(out / f"{label}-{kinds[-1]}.json") for label in labels],
+         "--out", str(out / "plots")],
         cwd=ROOT, check=True, capture_output=True,
     )
     commands_file = out / "commands.json"
@@ -266,11 +325,15 @@ def report(labels: list[str], out: Path, commands: dict[str, list[list[str]]], a
 
 
 def write_summary(
-    opts: argparse.Namespace, setup: Setup, sections, argv: list[str], headlines
+    opts: argparse.Namespace, setup: Setup, sections, argv: list[str], headlines,
+    catalog: dict[str, System], labels: list[str],
 ) -> None:
     out = opts.out
     titles = {"c1": "Concurrency 1 (added latency)", "c8": "Concurrency 8 (throughput)",
-              "sweep": "Rate sweep (highest rate; goodput in the sweep files)"}
+              "sweep": "Rate sweep (highest rate; goodput in the sweep files)",
+              "mixed": f"Mixed workload at {opts.mixed_rate:g} req/s (overall and per class)",
+              "mixed-sweep": "Mixed workload, rate sweep (highest rate; goodput in the sweep "
+              "files)"}
     lines = [
         "# Side-by-side benchmark", "",
         f"Command: `python -m serve_app.bench.side_by_side {' '.join(argv)}`  ",
@@ -278,13 +341,10 @@ def write_summary(
         f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
         f"Preset: `{opts.preset}` ({PRESETS[opts.preset].machine}); model `{setup.model_name}`; "
         f"configs `{_shown(setup.pd_config)}`, `{_shown(setup.unified_config)}`  ",
-        f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens (ignore_eos), "
-        f"streaming /v1/completions; SLO TTFT {opts.slo_ttft_ms} ms, "
-        f"TPOT {opts.slo_tpot_ms} ms. {opts.rounds} round(s), systems interleaved (rotated order "
+        f"{describe_workload(opts)} {opts.rounds} round(s), systems interleaved (rotated order "
         "each round); tables below pool every round's requests. Ratios are each system over "
         "the first one.", "",
-        "Systems:", *[f"- `{s.label}`: {s.description}" for s in systems(setup).values()
-                      if s.label in opts.systems.split(",")], "",
+        "Systems:", *[f"- `{label}`: {catalog[label].description}" for label in labels], "",
     ]
     table, verdicts = headlines
     if verdicts:
@@ -292,8 +352,11 @@ def write_summary(
     lines += ["## Headline figures, round by round", "", "```", table.rstrip(), "```", ""]
     for kind, table in sections:
         lines += [f"## {titles[kind]}", "", "```", table.rstrip(), "```", ""]
-    lines += ["Plots: `plots/` (pooled). Raw per-request records: `*-c1.json`, `*-c8.json`, "
-              "`*-sweep.json` (pooled, with each round's summary under `rounds`) and "
+    kinds = workload_kinds(opts)
+    per_class = " (and per class, `*_CLASS.png`)" if opts.mix else ""
+    lines += [f"Plots: `plots/` (pooled){per_class}. Raw per-request records: "
+              + ", ".join(f"`*-{kind}.json`" for kind in kinds)
+              + " (pooled, with each round's summary under `rounds`) and "
               "`rounds/` (each round's own files and bench logs). Exact bench commands: "
               "`commands.json`.", ""]
     (out / "README.md").write_text("\n".join(lines))
@@ -303,8 +366,7 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: bench/results/PRESET)")
@@ -317,40 +379,69 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default="unified,pd,ray-pd",
                         help="comma-separated, first is the baseline of the ratios; `direct` "
                         "is opt-in (see the module docstring)")
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--num-c1", type=int, default=30)
-    parser.add_argument("--num-c8", type=int, default=80)
-    parser.add_argument("--rates", default="2,4,8,16")
-    parser.add_argument("--num-per-rate", type=int, default=40)
-    parser.add_argument("--slo-ttft-ms", type=float, default=500.0)
-    parser.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    parser.add_argument("--extra-system", action="append", default=[], metavar="LABEL=CONFIG",
+                        help="also run this app from another serve config, started like `pd` "
+                        "(repeatable), e.g. pd-nocond=configs/local-cpu-nocond.yaml")
+    add_workload_args(parser)
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of every system, interleaved; results are pooled")
     parser.add_argument("--skip-existing", action="store_true",
                         help="keep a round of a system from an earlier run of the same command")
+    return parser
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one side-by-side does: its options, configs, systems (run in `labels` order) and
+    workload kinds."""
+
+    opts: argparse.Namespace
+    setup: Setup
+    catalog: dict[str, System]
+    labels: list[str]
+    extra_labels: list[str]
+    kinds: tuple[str, ...]
+
+
+def parse_plan(argv: list[str]) -> Plan:
+    """The options checked together; a bad one exits with a usage error naming it."""
+    parser = build_parser()
     opts = parser.parse_args(argv)
     opts.preset = opts.preset or default_preset()
     opts.out = opts.out or ROOT / "bench" / "results" / opts.preset
     setup = prepare_setup(PRESETS[opts.preset], opts.model, opts.out)
     catalog = systems(setup)
+    try:
+        check_workload_args(opts)
+        extra = extra_systems(opts.extra_system, opts.model, opts.out, list(catalog))
+    except ValueError as exc:
+        parser.error(str(exc))
+    catalog |= extra
     labels = opts.systems.split(",")
+    labels += [label for label in extra if label not in labels]
     unknown = [label for label in labels if label not in catalog]
     if unknown or opts.rounds < 1:
         parser.error(f"--systems: unknown {unknown}, known {sorted(catalog)}" if unknown
                      else f"--rounds must be at least 1, got {opts.rounds}")
+    return Plan(opts, setup, catalog, labels, list(extra), workload_kinds(opts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plan = parse_plan(argv)
+    opts, setup, labels, kinds = plan.opts, plan.setup, plan.labels, plan.kinds
     (opts.out / "rounds").mkdir(parents=True, exist_ok=True)
     commands: dict[str, list[list[str]]] = {}
     for round_no in range(1, opts.rounds + 1):
         for label in round_order(labels, round_no):
             tag = f"[{label} round {round_no}/{opts.rounds}]"
             if opts.skip_existing and all(
-                round_path(opts.out, label, kind, round_no).exists() for kind in KINDS
+                round_path(opts.out, label, kind, round_no).exists() for kind in kinds
             ):
                 print(f"{tag} results exist, not rerun (--skip-existing)", flush=True)
                 continue
-            system = catalog[label]
+            system = plan.catalog[label]
             print(f"{tag} starting: {' '.join(system.argv)}", flush=True)
             log = opts.out / "rounds" / f"{label}.r{round_no}.server.log"
             proc = start(system, log, opts.start_timeout_s)
@@ -359,10 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                 commands[label] = run_workloads(label, opts, setup, round_no)
             finally:
                 stop(proc)
-    pool_rounds(labels, opts.out, opts.rounds)
-    sections = report(labels, opts.out, commands, argv)
-    headlines = headline(labels, opts.out, opts.rounds)
-    write_summary(opts, setup, sections, argv, headlines)
+    pool_rounds(labels, opts.out, opts.rounds, kinds)
+    sections = report(labels, opts.out, commands, argv, kinds)
+    headlines = headline(labels, opts.out, opts.rounds, kinds, ["pd", *plan.extra_labels])
+    write_summary(opts, setup, sections, argv, headlines, plan.catalog, labels)
     for kind, table in sections:
         print(f"\n== {kind} ==\n{table}")
     print("\n== round by round ==\n" + headlines[0])

@@ -10,12 +10,27 @@ import numpy as np
 import pytest
 
 from serve_app.bench.__main__ import main
-from serve_app.bench.compare import format_comparison, load_summaries, print_comparison
+from serve_app.bench.compare import (
+    format_comparison,
+    load_summaries,
+    metric_rows,
+    print_comparison,
+)
 from serve_app.bench.plots import plot_results
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import RequestRecord, load_goodput, load_runs, run_payload, save_json
-from serve_app.bench.stats import SLO, find_goodput, summarize
-from serve_app.bench.verdict import Figures, load_figures, rounds_table, target_lines
+from serve_app.bench.report import format_summary, format_sweep
+from serve_app.bench.stats import SLO, find_goodput, slo_attainment, summarize
+from serve_app.bench.verdict import (
+    Figures,
+    MixedFigures,
+    load_figures,
+    load_mixed_figures,
+    mixed_rounds_table,
+    mixed_target_lines,
+    rounds_table,
+    target_lines,
+)
 
 SLO_USED = SLO(ttft_ms=200, tpot_ms=20)
 
@@ -204,3 +219,113 @@ def test_figures_of_one_system_from_its_three_files(tmp_path: Path) -> None:
     assert got.c8_rps == pytest.approx(4.0)  # 2 requests in 0.5 s
     assert got.goodput_rps == load_goodput(tmp_path / "sweep.json")
     assert (got.num_requests, got.num_errors) == (3 + 2 + 4 * 41, 4)  # one failure per rate
+
+
+# mixed workloads ------------------------------------------------------------------------------
+
+MIXED_SLO = SLO(ttft_ms=200, tpot_ms=20, per_class={"doc": SLO(ttft_ms=800)})
+
+
+def mixed_records(rate: float, slowdown: float, seed: int) -> list[RequestRecord]:
+    """Chats (short prompts, long answers) and docs (long prompts, short answers)."""
+    records = synthetic_records(rate, slowdown, seed)[:-1]
+    for index, record in enumerate(records):
+        record.class_name = "doc" if index % 5 == 0 else "chat"
+        if record.class_name == "doc":
+            record.ttft_s *= 3
+            record.e2e_s = record.ttft_s + 3 * record.itl_s[0]
+            record.itl_s, record.output_tokens = record.itl_s[:3], 4
+    return records
+
+
+def write_mixed(path: Path, kind: str, label: str, slowdown: float) -> None:
+    config = {"slo": MIXED_SLO.to_json()}
+    if kind == "run":
+        records = mixed_records(6.0, slowdown, 0)
+        payload = run_payload(6.0, 10.0, summarize(records, 10.0, MIXED_SLO), records)
+        save_json(path, {"kind": "run", "label": label, "config": config, **payload})
+        return
+    runs, pairs = [], []
+    for seed, rate in enumerate((1.0, 2.0, 4.0, 8.0)):
+        records = mixed_records(rate, slowdown, seed)
+        pairs.append((rate, records))
+        runs.append(run_payload(rate, 40 / rate, summarize(records, 40 / rate, MIXED_SLO), records))
+    save_json(path, {"kind": "sweep", "label": label, "config": config, "runs": runs,
+                     "goodput": find_goodput(pairs, MIXED_SLO).to_json()})
+
+
+def test_mixed_results_report_compare_and_plot_per_class(tmp_path: Path) -> None:
+    paths = [tmp_path / "unified.json", tmp_path / "pd.json"]
+    write_mixed(paths[0], "sweep", "unified", slowdown=1.0)
+    write_mixed(paths[1], "sweep", "pd", slowdown=0.5)
+    (run,) = [r for r in load_runs(paths[0]) if r.request_rate == 4.0]
+    assert {r.class_name for r in run.records} == {"chat", "doc"}
+    text = format_summary(run.summary)
+    assert "class chat: 32 requests (0 failed)" in text
+    assert "class doc: 8 requests (0 failed), 0.80 req/s, SLO TTFT <= 800 ms and TPOT <= 20 ms" in text
+    sweep_lines = format_sweep([(4.0, run.summary)], None).splitlines()
+    assert sweep_lines[3].split()[:3] == ["rate", "(req/s)", "class"]
+    assert [line.split()[1] for line in sweep_lines[4:]] == ["chat", "doc"]
+    rows = dict(metric_rows([run.summary]))
+    assert rows["doc TTFT p99 (ms)"] == [run.summary["classes"]["doc"]["ttft_ms"]["p99"]]
+    assert {"chat TPOT p50 (ms)", "chat ITL p90 (ms)", "doc SLO attainment"} <= set(rows)
+    written = {path.name for path in plot_results(paths, tmp_path / "plots")}
+    for suffix in ("", "_chat", "_doc"):
+        assert {f"latency_cdf{suffix}.png", f"ttft_vs_rate{suffix}.png",
+                f"tpot_vs_rate{suffix}.png", f"slo_attainment_vs_rate{suffix}.png"} <= written
+    assert len(written) == 12
+
+
+def test_pooled_mixed_rounds_keep_classes_and_class_slos(tmp_path: Path) -> None:
+    write_mixed(tmp_path / "r1.json", "sweep", "pd", slowdown=0.5)
+    write_mixed(tmp_path / "r2.json", "sweep", "pd", slowdown=1.0)
+    pooled = pool_results([tmp_path / "r1.json", tmp_path / "r2.json"])
+    summary = pooled["runs"][0]["summary"]
+    assert summary["classes"]["doc"]["num_requests"] == 16
+    assert summary["classes"]["doc"]["slo"] == {"ttft_ms": 800, "tpot_ms": 20}
+    records = [RequestRecord.from_dict(r) for r in pooled["runs"][0]["records"]]
+    assert summary["slo_attainment"] == slo_attainment(records, MIXED_SLO)
+
+
+def mixed_figures(ttft: float, tpot: float, goodput: float | None, errors: int = 0):
+    ttft, tpot = float(ttft), float(tpot)
+    return MixedFigures(ttft_p99_ms=ttft, tpot_p99_ms=tpot, e2e_p50_ms=100.0, e2e_p99_ms=300.0,
+                        ttft_p99_by_class={"chat": ttft / 2, "doc": ttft},
+                        tpot_p99_by_class={"chat": tpot, "doc": tpot / 2},
+                        goodput_rps=goodput, num_requests=360, num_errors=errors)
+
+
+def test_mixed_targets_against_unified_and_ray_pd() -> None:
+    pooled = {"unified": mixed_figures(140, 3.5, 5.0), "pd": mixed_figures(120, 3.0, 6.0),
+              "ray-pd": mixed_figures(400, 6.5, 4.0), "pd-nocond": mixed_figures(270, 13.0, 4.0, 1)}
+    lines = mixed_target_lines(pooled, "unified", ["pd", "pd-nocond"])
+    assert [line.split("]")[0] for line in lines[:4]] == ["- [met"] * 4, lines
+    assert lines[0] == ("- [met] pd: TTFT P99 of the mixed run: 120.00 ms vs unified 140.00, "
+                        "ray-pd 400.00 ms (target: no worse than unified and ray-pd)")
+    assert "goodput on the mix: 6.00 req/s vs unified 5.00 req/s, ratio 1.20" in lines[2]
+    assert [line.split("]")[0] for line in lines[4:]] == ["- [NOT met"] * 4, lines
+    assert lines[7] == "- [NOT met] pd-nocond: requests lost: 1 of 360 (target 0)"
+    no_base_goodput = {**pooled, "unified": mixed_figures(140, 3.5, None)}
+    assert "vs unified below the lowest rate" in mixed_target_lines(no_base_goodput, "unified")[2]
+    assert mixed_target_lines(pooled, "pd") == []
+
+
+def test_mixed_rounds_table_and_figures_from_files(tmp_path: Path) -> None:
+    write_mixed(tmp_path / "mixed.json", "run", "pd", slowdown=0.5)
+    write_mixed(tmp_path / "mixed-sweep.json", "sweep", "pd", slowdown=0.5)
+    got = load_mixed_figures({k: tmp_path / f"{k}.json" for k in ("mixed", "mixed-sweep")})
+    summary = json.loads((tmp_path / "mixed.json").read_text())["summary"]
+    assert got.ttft_p99_ms == summary["ttft_ms"]["p99"]
+    assert got.tpot_p99_by_class["doc"] == summary["classes"]["doc"]["tpot_ms"]["p99"]
+    assert got.e2e_p99_ms == summary["e2e_ms"]["p99"]
+    assert got.goodput_rps == load_goodput(tmp_path / "mixed-sweep.json")
+    assert (got.num_requests, got.num_errors) == (40 + 4 * 40, 0)
+    per_round = {"unified": [mixed_figures(140, 3.5, 5.0), mixed_figures(150, 4.0, 4.0)],
+                 "pd": [mixed_figures(120, 3.0, 6.0), mixed_figures(100, 2.0, 6.0)]}
+    table = mixed_rounds_table(per_round, ["round 1", "pooled"])
+    rows = {line.split("  ")[0]: line.split()[-2:] for line in table.splitlines()}
+    assert rows["pd doc TTFT p99 (ms)"] == ["120.00", "100.00"]
+    assert rows["unified chat TPOT p99 (ms)"] == ["3.50", "4.00"]
+    assert rows["pd goodput (req/s)"] == ["6.00", "6.00"]
+    with pytest.raises(ValueError, match="one MixedFigures per column"):
+        mixed_rounds_table(per_round, ["pooled"])
