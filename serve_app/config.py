@@ -100,6 +100,50 @@ class KVTransferConfig(_Strict):
     side_channel_host: str = "127.0.0.1"
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces: one trace per request across Router, prefill, KV handoff, decode.
+
+    Unset fields fall back to the standard variables in the replicas' environment
+    (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL`,
+    `OTEL_TRACES_SAMPLER_ARG`, `OTEL_SERVICE_NAME`); `OTEL_SDK_DISABLED=true` turns it off.
+    """
+
+    enabled: bool = False
+    """Off: nothing is exported (requests still get a trace id, carried as their request id)."""
+    endpoint: str | None = None
+    """OTLP collector, e.g. `http://127.0.0.1:4318` (http/protobuf; `/v1/traces` is added to
+    a bare host) or `127.0.0.1:4317` (grpc). Default: the OTEL_* variables, else localhost."""
+    protocol: Literal["http/protobuf", "grpc"] | None = None
+    """Default: the OTEL_* variables, else `http/protobuf`."""
+    sampling_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of new traces kept (parent-based: an incoming `traceparent` decides for its own
+    trace). Default: `OTEL_TRACES_SAMPLER_ARG`, else 1.0."""
+    engine_spans: bool = False
+    """vLLM's own `llm_request` spans join the trace (vLLM's `otlp_traces_endpoint`)."""
+    service_name: str = Field(default="pd-serve", min_length=1)
+    batch_delay_ms: int = Field(default=5000, ge=1, le=60_000)
+    """How long finished spans wait to be exported together (`OTEL_BSP_SCHEDULE_DELAY`)."""
+
+    @model_validator(mode="after")
+    def _engine_spans_need_tracing(self) -> TracingConfig:
+        if self.engine_spans and not self.enabled:
+            raise ValueError("telemetry.tracing.engine_spans needs telemetry.tracing.enabled: true")
+        return self
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics at the ingress's `GET /metrics` (router's own and both engines')."""
+
+    engine_timeout_s: float = Field(default=5.0, gt=0.0, le=60.0)
+    """How long a scrape waits for each engine's metrics before leaving them out."""
+
+
+class TelemetryConfig(_Strict):
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+
+
 class MpsConfig(_Strict):
     """The MPS control daemon the two GPU engines attach to."""
 
@@ -142,6 +186,7 @@ class AppConfig(_Strict):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     mps: MpsConfig = Field(default_factory=MpsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     memory_headroom: float = Field(default=0.05, ge=0.0, lt=0.5)
     """Share of the card left to CUDA contexts, NCCL/UCX buffers and fragmentation."""
     gpu: str | None = None

@@ -1,0 +1,198 @@
+"""What tracing costs: TTFT and end to end at concurrency 1, tracing on vs off, interleaved on
+one running app.
+
+One app runs with tracing enabled (100% sampling, exporting to an OTLP sink this script runs
+on 127.0.0.1). Sampling is parent-based, so a request whose `traceparent` says "sampled" is
+traced in full (four spans, exported) and one that says "not sampled" runs the same code with
+non-recording spans: the "off" arm, as with `telemetry.tracing.enabled: false`. The arms
+alternate in blocks (ABBA order), so drift on a busy machine falls on both alike.
+
+    python -m serve_app.bench.tracing_overhead --out bench/results/tracing-overhead
+    python -m serve_app.bench.tracing_overhead --url http://127.0.0.1:8000 ...   # an app already
+        running with telemetry.tracing.enabled: true (and its endpoint) instead of starting one
+
+Writes `requests.jsonl` (one line per request) and `summary.json`, and prints the P50s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = 8000
+
+
+class SpanSink:
+    """An OTLP/HTTP endpoint that answers 200 and counts export calls (no decoding: cheap)."""
+
+    def __init__(self) -> None:
+        sink = self
+        self.num_exports = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.num_exports += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def traced_config(config: Path, endpoint: str, out: Path) -> Path:
+    """A copy of the serve config with tracing on, 100% sampling, exporting to `endpoint`."""
+    data = yaml.safe_load(config.read_text())
+    args = data["applications"][0].setdefault("args", {})
+    telemetry = args.setdefault("telemetry", {})
+    telemetry["tracing"] = {**telemetry.get("tracing", {}), "enabled": True,
+                            "endpoint": endpoint, "sampling_ratio": 1.0}
+    source = Path(args.get("model", {}).get("source", ""))
+    if args.get("model") and not source.is_absolute() and (ROOT / source).exists():
+        args["model"]["source"] = str(ROOT / source)
+    path = out / "serve-config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def start_app(config: Path, log: Path, timeout_s: float = 900.0) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "RAY_USAGE_STATS_ENABLED": "0", "VLLM_HOST_IP": "127.0.0.1"}
+    proc = subprocess.Popen(["serve", "run", str(config)], cwd=ROOT, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve run exited early; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(3)
+    stop_app(proc)
+    raise TimeoutError(f"the app did not answer in {timeout_s:.0f} s; see {log}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def one_request(client: httpx.Client, body: dict, is_traced: bool) -> dict[str, Any]:
+    trace_id, flags = secrets.token_hex(16), "01" if is_traced else "00"
+    headers = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}
+    started = time.perf_counter()
+    ttft = None
+    with client.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+        for text in response.iter_text():
+            if ttft is None and '"text"' in text:
+                ttft = time.perf_counter() - started
+    return {"arm": "on" if is_traced else "off", "status": response.status_code,
+            "ttft_s": ttft, "e2e_s": time.perf_counter() - started}
+
+
+def run(url: str, model: str, num_blocks: int, per_block: int, prompt_words: int,
+        output_tokens: int) -> list[dict[str, Any]]:
+    words = " ".join(f"word{i % 97}" for i in range(prompt_words))
+    body = {"model": model, "prompt": words, "max_tokens": output_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    records = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for _ in range(3):
+            one_request(client, body, True)  # warm-up, not recorded
+        for block in range(num_blocks):
+            is_traced = block % 4 in (0, 3)  # ABBA ABBA ...
+            for _ in range(per_block):
+                records.append({"block": block, **one_request(client, body, is_traced)})
+    return records
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for arm in ("on", "off"):
+        good = [r for r in records if r["arm"] == arm and r["status"] == 200 and r["ttft_s"]]
+        summary[arm] = {
+            "num_requests": len(good),
+            "ttft_p50_ms": 1000 * statistics.median(r["ttft_s"] for r in good),
+            "e2e_p50_ms": 1000 * statistics.median(r["e2e_s"] for r in good),
+            "ttft_mean_ms": 1000 * statistics.fmean(r["ttft_s"] for r in good),
+            "e2e_mean_ms": 1000 * statistics.fmean(r["e2e_s"] for r in good),
+        }
+    for key in ("ttft_p50_ms", "e2e_p50_ms", "ttft_mean_ms", "e2e_mean_ms"):
+        summary[f"{key}_on_over_off"] = summary["on"][key] / summary["off"][key]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tracing-overhead")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/local-cpu.yaml")
+    parser.add_argument("--url", help="an app already running with tracing on (not started)")
+    parser.add_argument("--model", default="tiny-llama")
+    parser.add_argument("--blocks", type=int, default=8, help="blocks, alternating on/off")
+    parser.add_argument("--per-block", type=int, default=25)
+    parser.add_argument("--prompt-words", type=int, default=200)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sink = proc = None
+    try:
+        if args.url is None:
+            sink = SpanSink()
+            proc = start_app(traced_config(args.config, sink.endpoint, args.out),
+                             args.out / "serve.log")
+        records = run(args.url or f"http://127.0.0.1:{PORT}", args.model, args.blocks,
+                      args.per_block, args.prompt_words, args.output_tokens)
+    finally:
+        if proc is not None:
+            stop_app(proc)
+        if sink is not None:
+            sink.close()
+    with (args.out / "requests.jsonl").open("w") as out:
+        out.writelines(json.dumps(r) + "\n" for r in records)
+    summary = {**summarize(records), "command": " ".join(sys.argv),
+               "num_exports": sink.num_exports if sink else None}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for arm in ("on", "off"):
+        s = summary[arm]
+        print(f"tracing {arm:3}: n={s['num_requests']} TTFT P50 {s['ttft_p50_ms']:.1f} ms, "
+              f"E2E P50 {s['e2e_p50_ms']:.1f} ms")
+    print(f"on/off: TTFT P50 x{summary['ttft_p50_ms_on_over_off']:.3f}, "
+          f"E2E P50 x{summary['e2e_p50_ms_on_over_off']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""What the Router and the servers call at each point of a request's life: metrics and spans.
+
+The Router holds one `RouterTelemetry`; each request gets a `RequestTelemetry` from `begin` and
+reports its steps to it, one call each (`admitted`, `routed`, `prefill_started` /
+`prefill_finished`, `fell_back`, `decode_started` / `decode_first_item`, then `respond` or
+`finish`). Each server replica holds one `ServerTelemetry`; its `span` starts the server's
+span from the Router's carrier. The policy (what a route is, when to fall back) is not decided
+here: this module only records what the Router decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from opentelemetry.trace import SpanKind
+
+from serve_app.config import AppConfig
+from serve_app.ops import tracing
+from serve_app.ops.metrics import RouterMetrics, ServerMetrics, exposition, server_families
+
+REQUEST_ID_HEADER = "x-request-id"
+_FINISH_REASON = re.compile(r'"finish_reason":\s*"([a-z_]+)"')
+
+
+class RouterTelemetry:
+    """The Router replica's metrics registry and tracer."""
+
+    def __init__(self, cfg: AppConfig) -> None:
+        self.cfg = cfg
+        self.metrics = RouterMetrics()
+        self.tracer = tracing.Tracer(cfg.telemetry.tracing, "Router")
+
+    def begin(self, endpoint: str, headers: Mapping[str, str] | None = None) -> RequestTelemetry:
+        """A request arrived (HTTP headers, or none on the handle API)."""
+        return RequestTelemetry(self, endpoint, headers or {})
+
+    def shed(self, endpoint: str, reason: str) -> None:
+        self.metrics.shed.labels(endpoint, reason).inc()
+
+    def set_waiting(self, num_waiting: int) -> None:
+        self.metrics.waiting.set(num_waiting)
+
+    async def scrape(self, servers: dict[str, Any]) -> bytes:
+        """`GET /metrics`: this registry plus each phase's server families (`servers`:
+        phase -> deployment handle); a server that does not answer is left out this time."""
+        timeout = self.cfg.telemetry.metrics.engine_timeout_s
+        phases = list(servers)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(servers[p].metrics.remote(), timeout) for p in phases),
+            return_exceptions=True,
+        )
+        families = {}
+        for phase, answer in zip(phases, answers, strict=True):
+            is_up = not isinstance(answer, BaseException)
+            self.metrics.engine_up.labels(phase).set(1 if is_up else 0)
+            if is_up:
+                families[phase] = answer
+        return exposition(self.metrics.registry, families)
+
+
+class RequestTelemetry:
+    """One request as the Router sees it: its SERVER span, its clock, its labels."""
+
+    def __init__(self, owner: RouterTelemetry, endpoint: str, headers: Mapping[str, str]) -> None:
+        self._metrics = owner.metrics
+        self.endpoint = endpoint
+        self.route = "none"
+        self.reason = ""
+        self.is_stream = False
+        self._started = time.perf_counter()
+        self._prefill_started: float | None = None
+        self._prefill_returned: float | None = None
+        self._first_token: float | None = None
+        self._phases: list[str] = []
+        self._is_finished = False
+        operation = tracing.OPERATION_NAMES.get(endpoint, endpoint)
+        self.span = owner.tracer.start_request(
+            f"{operation} {owner.cfg.model.name}", headers,
+            {"gen_ai.operation.name": operation, "pd.endpoint": endpoint},
+        )
+        self.request_id = tracing.request_id(self.span)
+        self.span.set_attribute("pd.request_id", self.request_id)
+
+    # ---- the steps ------------------------------------------------------------------------
+
+    def admitted(self, request: Any) -> None:
+        """The body parsed into vLLM's request model."""
+        self.is_stream = bool(getattr(request, "stream", False))
+        if self.span.is_recording():
+            self.span.set_attributes(tracing.request_attributes(self.endpoint, request))
+
+    def routed(self, route: str, reason: str = "") -> None:
+        """The Router's route decision (`disaggregated`, `decode_only`, ...) and why."""
+        self.route, self.reason = route, reason
+        self.span.set_attributes({"pd.route": route, "pd.route.reason": reason})
+
+    def carrier(self) -> dict[str, str]:
+        """The trace context to pass with a handle call to a server."""
+        return tracing.carrier(self.span)
+
+    def prefill_started(self) -> None:
+        self._prefill_started = time.perf_counter()
+        self._enter("prefill")
+
+    def prefill_finished(self, outcome: str) -> None:
+        """`outcome`: `ok`, `client_error` (went back to the client) or `failed`."""
+        now = time.perf_counter()
+        self._leave("prefill")
+        if self._prefill_started is not None:
+            self._metrics.prefill_call.labels(self.endpoint, outcome).observe(
+                now - self._prefill_started
+            )
+        if outcome == "ok":
+            self._prefill_returned = now
+
+    def fell_back(self, reason: str) -> None:
+        """Prefill failed; decode runs the whole request."""
+        self._metrics.fallbacks.labels(self.endpoint, reason).inc()
+        self.routed("decode_only", "fallback")
+        self.span.add_event("fallback", {"pd.fallback.reason": reason[:200]})
+
+    def decode_started(self) -> None:
+        self._enter("decode")
+
+    def decode_first_item(self) -> None:
+        """Decode's first item reached the Router: the end of the handoff."""
+        if self._prefill_returned is not None:
+            self._metrics.handoff.labels(self.endpoint).observe(
+                time.perf_counter() - self._prefill_returned
+            )
+            self._prefill_returned = None
+
+    def first_token(self) -> None:
+        if self._first_token is None:
+            self._first_token = time.perf_counter()
+            if self.is_stream:
+                self._metrics.time_to_first_token.labels(self.endpoint, self.route).observe(
+                    self._first_token - self._started
+                )
+
+    # ---- the end --------------------------------------------------------------------------
+
+    def respond(self, status: int, body: dict | None, stream: AsyncIterator[str] | None) -> Any:
+        """The outcome leaves the Router: a stream is watched to its end, anything else ends
+        the request now. Returns the stream to send (or None)."""
+        if stream is None:
+            self.finish(status, body)
+            return None
+        return self._watch(stream)
+
+    async def _watch(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        status, error, usage, reasons = 200, None, None, []
+        try:
+            async for text in stream:
+                self.first_token()
+                if '"usage":' in text and '"usage":null' not in text:
+                    usage = _last_usage(text) or usage
+                if '"finish_reason"' in text:
+                    reasons += _FINISH_REASON.findall(text)
+                if text.startswith('data: {"error"'):
+                    status, error = _error_status(text), "stream_error"
+                yield text
+        except BaseException as exc:
+            status, error = 499, type(exc).__name__  # client gone, or the stream failed
+            raise
+        finally:
+            self.finish(status, usage=usage, finish_reasons=reasons, error=error)
+
+    def finish(
+        self,
+        status: int,
+        body: dict | None = None,
+        usage: dict | None = None,
+        finish_reasons: list[str] | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Count the request and end its span (once; later calls do nothing)."""
+        if self._is_finished:
+            return
+        self._is_finished = True
+        for phase in list(self._phases):
+            self._leave(phase)
+        now = time.perf_counter()
+        m = self._metrics
+        m.requests.labels(self.endpoint, str(status), self.route, self.reason).inc()
+        m.request_duration.labels(self.endpoint, self.route).observe(now - self._started)
+        if body is not None and status == 200:
+            usage = body.get("usage") or usage
+            finish_reasons = [c.get("finish_reason") for c in body.get("choices") or []]
+        num_output = (usage or {}).get("completion_tokens")
+        if self.is_stream and self._first_token is not None and num_output and num_output > 1:
+            m.time_per_output_token.labels(self.endpoint, self.route).observe(
+                (now - self._first_token) / (num_output - 1)
+            )
+        if self.span.is_recording():
+            self.span.set_attributes(tracing.usage_attributes(usage))
+            if finish_reasons:
+                self.span.set_attribute(
+                    "gen_ai.response.finish_reasons", [r for r in finish_reasons if r]
+                )
+            if body is not None and body.get("id"):
+                self.span.set_attribute("gen_ai.response.id", body["id"])
+        if error is None and body is not None and status >= 400:
+            error = ((body.get("error") or {}).get("type")) or None
+        tracing.end(self.span, status, error)
+
+    def _enter(self, phase: str) -> None:
+        self._phases.append(phase)
+        self._metrics.in_flight.labels(phase).inc()
+
+    def _leave(self, phase: str) -> None:
+        if phase in self._phases:
+            self._phases.remove(phase)
+            self._metrics.in_flight.labels(phase).dec()
+
+
+def _last_usage(text: str) -> dict | None:
+    for event in reversed(text.split("\n\n")):
+        if '"usage":' in event and event.startswith("data: {"):
+            try:
+                return json.loads(event[len("data: "):]).get("usage")
+            except ValueError:
+                return None
+    return None
+
+
+def _error_status(text: str) -> int:
+    try:
+        code = json.loads(text.split("\n\n", 1)[0][len("data: "):])["error"].get("code")
+        return int(code) if code else 500
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 500
+
+
+class ServerTelemetry:
+    """A server replica's spans and per-request metrics (vLLM records its own beside them)."""
+
+    def __init__(self, cfg: AppConfig, role: str) -> None:
+        self.role = role
+        self.metrics = ServerMetrics()
+        component = "PrefillServer" if role == "prefill" else "DecodeServer"
+        self.tracer = tracing.Tracer(cfg.telemetry.tracing, component)
+        self.engine_spans = self.tracer.is_enabled and cfg.telemetry.tracing.engine_spans
+
+    def families(self) -> list[Any]:
+        return server_families(self.metrics.registry)
+
+    def span(self, name: str, carrier: Mapping[str, str] | None, attributes: dict) -> Any:
+        """The server's SERVER span, a child of the Router's span named by `carrier`."""
+        return self.tracer.start_child(name, carrier, attributes, SpanKind.SERVER)
+
+    def child(self, name: str, parent: Any, attributes: dict | None = None) -> Any:
+        return self.tracer.start_child(name, parent, attributes)
+
+    def engine_headers(self, span: Any) -> dict[str, str] | None:
+        """Trace headers for vLLM, so its `llm_request` span joins (only when it traces)."""
+        return tracing.carrier(span) if self.engine_spans and span.is_recording() else None
+
+    def shutdown(self) -> None:
+        self.tracer.shutdown()
+
+    def end_prefill(self, span: Any, answer: Any) -> None:
+        """End the prefill span with prefill's answer: a `PrefillResult` or vLLM's error."""
+        from serve_app.protocol import PrefillResult
+
+        if not isinstance(answer, PrefillResult):
+            error = getattr(answer, "error", None)
+            tracing.end(span, int(getattr(error, "code", None) or 500), getattr(error, "type", None))
+            return
+        if span.is_recording():
+            span.set_attributes({
+                "gen_ai.usage.input_tokens": answer.num_prompt_tokens,
+                "pd.kv.num_blocks": _num_blocks(answer.kv_transfer_params.remote_block_ids),
+            })
+        tracing.end(span, 200)
+
+    def start_decode(self, carrier: Mapping[str, str] | None, request: Any, block_bytes: int):
+        return DecodeTrace(self, carrier, request, block_bytes)
+
+
+class DecodeTrace:
+    """One decode stream: the `decode` span, its `kv_handoff` child when decode reads prefill's
+    blocks (ended by decode's first item, when the read is done), and the bytes it read."""
+
+    def __init__(
+        self, owner: ServerTelemetry, carrier: Mapping[str, str] | None, request: Any,
+        block_bytes: int,
+    ) -> None:
+        self._owner = owner
+        params = getattr(request, "kv_transfer_params", None) or {}
+        self.is_handoff = bool(params.get("do_remote_prefill"))
+        self.kv_bytes = 0
+        if self.is_handoff:
+            self.kv_bytes = _num_blocks(params.get("remote_block_ids")) * block_bytes
+        request_id = getattr(request, "request_id", None) or ""
+        # The prefill engine runs whole requests too (failover): its span says so.
+        name = "decode" if owner.role == "decode" else f"{owner.role}.generate"
+        self.span = owner.span(name, carrier, {"pd.request_id": request_id})
+        self.engine_headers = owner.engine_headers(self.span)
+        self._handoff = None
+        if self.is_handoff:
+            self._handoff = owner.child("kv_handoff", self.span, {
+                "pd.kv.bytes": self.kv_bytes,
+                "pd.kv.num_blocks": _num_blocks(params.get("remote_block_ids")),
+                "pd.kv.remote_engine_id": str(params.get("remote_engine_id") or ""),
+            })
+        self._status: int | None = None
+        self._error: str | None = None
+
+    def item(self, item: Any) -> None:
+        """Each item decode yields; the first one ends the handoff."""
+        if self._status is not None:
+            return
+        error = getattr(item, "error", None)
+        if error is not None:
+            self._status, self._error = int(getattr(error, "code", None) or 500), error.type
+        else:
+            self._status = 200
+            if self.is_handoff:
+                self._owner.metrics.kv_handoff_bytes.observe(self.kv_bytes)
+        self._end_handoff(self._error)
+
+    def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, (GeneratorExit, asyncio.CancelledError)):
+            self._status, self._error = 499, "cancelled"  # the caller left: not our error
+        else:
+            self._status, self._error = 500, type(exc).__name__
+
+    def end(self, usage: dict | None) -> None:
+        self._end_handoff(self._error or ("no_output" if self._status is None else None))
+        if self.span.is_recording():
+            self.span.set_attributes(tracing.usage_attributes(usage))
+        tracing.end(self.span, self._status, self._error)
+
+    def _end_handoff(self, error: str | None) -> None:
+        if self._handoff is not None:
+            tracing.end(self._handoff, None, error)
+            self._handoff = None
+
+
+def _num_blocks(block_ids: Any) -> int:
+    """Blocks in `remote_block_ids` (flat, or one list per KV cache group: the first)."""
+    if not block_ids:
+        return 0
+    first = block_ids[0]
+    return len(first) if isinstance(first, (list, tuple)) else len(block_ids)
