@@ -7,6 +7,7 @@ message that names the field and the allowed range, before any engine starts.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serve_app.config_plan import check_app_memory
 from serve_app.plan import GPU_PRESETS_MIB
 
+_S3_SOURCE = re.compile(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$")
 # vLLM engine arguments that the schema owns; setting them per phase would split the contract.
 RESERVED_ENGINE_KWARGS = frozenset(
     {"model", "served_model_name", "kv_transfer_config", "tokenizer", "gpu_memory_utilization",
@@ -29,7 +31,10 @@ class ModelConfig(_Strict):
     """The one model both engines serve."""
 
     source: str = "models/tiny-llama"
-    """A local directory or a Hugging Face id; the same weights are loaded by both engines."""
+    """A local directory, a Hugging Face id, or `s3://bucket/prefix`; the same weights are
+    loaded by both engines. An s3:// prefix is downloaded with boto3 (standard credential chain)
+    once per node into `$PD_SERVE_MODEL_CACHE` before the engines start, then loaded from disk
+    (`serve_app/model_source.py`)."""
     served_model_name: str | None = None
     """The name clients send as `model`; defaults to `source`."""
     max_model_len: int | None = Field(default=None, ge=16)
@@ -39,6 +44,16 @@ class ModelConfig(_Strict):
     @property
     def name(self) -> str:
         return self.served_model_name or self.source
+
+    @field_validator("source")
+    @classmethod
+    def _s3_source_names_a_bucket(cls, value: str) -> str:
+        if value.startswith("s3://") and not _S3_SOURCE.match(value):
+            raise ValueError(
+                f"model.source {value!r}: an S3 source is s3://bucket/prefix with a bucket name "
+                "of 3-63 lowercase letters, digits, dots and hyphens"
+            )
+        return value
 
 
 class PhaseConfig(_Strict):

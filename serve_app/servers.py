@@ -32,6 +32,7 @@ class _EngineServer:
     async def _start_engine(self, cfg: AppConfig) -> None:
         from serve_app.engine import Engine
         from serve_app.gpu_gate import gate_replica
+        from serve_app.model_source import with_local_model
         from serve_app.mps import preflight
 
         self.cfg = cfg
@@ -41,6 +42,8 @@ class _EngineServer:
             preflight(phase.sm_percentage, cfg.mps.pipe_dir, cfg.mps.allow_unpartitioned)
             # Under an SM cap cuBLAS has returned wrong numbers: check before loading anything.
             await gate_replica(cfg, self.role)
+        # An s3:// model is copied to this node's disk once (a file lock), then loaded from it.
+        cfg = self.cfg = await asyncio.to_thread(with_local_model, cfg)
         self.engine = Engine(cfg, self.role)
         await self.engine.start()
         self.engine_ready_at = time.time()
