@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL := models/tiny-llama
 CONFIG ?= configs/local-cpu.yaml
+# The project's extras: the CPU build here; GPU nodes install with EXTRAS=gpu (deploy/aws/cluster.yaml).
+EXTRAS ?= cpu,test
 
 .PHONY: setup run test lint bench clean
 
@@ -11,7 +13,7 @@ setup: $(VENV)/.installed $(MODEL)/.complete
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[cpu,test]"
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# The registry's torchvision/torchaudio/torchcodec break transformers beside the CPU torch.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

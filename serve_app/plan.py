@@ -51,6 +51,7 @@ GPU_PRESETS_MIB: dict[str, int] = {
     "h100-80gb": 81559,
     "h200-141gb": 143771,
     "a100-80gb": 81920,
+    "l40s-48gb": 46068,  # AWS g6e
 }
 
 DEFAULT_GPU_MEMORY_GIB = 80.0
