@@ -226,7 +226,7 @@ def _list_objects(s3: Any, source: S3Source) -> list[RemoteFile]:
                 if key.endswith("/"):
                     continue  # a console "folder" marker
                 relative = key[len(source.prefix):]
-                if ".." in PurePosixPath(relative).parts:
+                if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
                     raise ModelSourceError(f"{source.url}: object key {key!r} escapes the prefix")
                 manifest.append(RemoteFile(key, relative, int(item["Size"]), item["ETag"]))
     if not manifest:

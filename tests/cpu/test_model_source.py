@@ -182,6 +182,20 @@ def test_missing_key_names_the_source(s3_env: dict[str, str], tmp_path: Path) ->
         fetch_s3_model(f"s3://{BUCKET}/tiny-lama", tmp_path)
 
 
+@pytest.mark.parametrize("key", ["escape//tmp/evil", "escape/../evil"])
+def test_a_key_outside_the_prefix_is_refused(
+    s3_env: dict[str, str], tmp_path: Path, key: str
+) -> None:
+    client = make_client()
+    client.put_object(Bucket=BUCKET, Key=key, Body=b"x")
+    try:
+        with pytest.raises(ModelSourceError, match=r"escapes the prefix"):
+            fetch_s3_model(f"s3://{BUCKET}/escape", tmp_path / "cache")
+        assert not list(tmp_path.rglob("evil"))
+    finally:
+        client.delete_object(Bucket=BUCKET, Key=key)
+
+
 def test_no_credentials_names_the_source(
     s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
