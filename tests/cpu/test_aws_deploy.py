@@ -134,8 +134,18 @@ def test_collector_runs_on_every_node_with_the_observability_config() -> None:
     config = render_cluster("l40s")
     assert "bash ~/pd-serve/deploy/aws/adot.sh" in config["setup_commands"]
     script = (AWS / "adot.sh").read_text()
-    assert "../observability" in script and "adot-collector.yaml" in script
-    assert "aws-otel-collector-ctl" in script
+    collector_config = ROOT / "deploy" / "observability" / "adot-collector.yaml"
+    assert collector_config.is_file()
+    assert '"$HERE/.." && pwd)/observability/adot-collector.yaml' in script
+    # Every variable the collector config reads is set in the collector's unit.
+    for name in set(re.findall(r"\$\{env:(\w+)", collector_config.read_text())):
+        assert f"Environment={name}=" in script, name
+
+
+@pytest.mark.parametrize("script", sorted(AWS.glob("*.sh")), ids=lambda p: p.name)
+def test_deploy_scripts_parse(script: Path) -> None:
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK)
 
 
 def test_render_script_fills_exactly_the_placeholders(tmp_path: Path) -> None:
