@@ -348,6 +348,11 @@ def test_aws_preset_is_deployable_behind_the_alb(path: Path) -> None:
     assert cfg.device == "cuda" and cfg.model.source.startswith("s3://")
     assert (cfg.prefill.sm_percentage, cfg.decode.sm_percentage) == (80, 20)
     assert cfg.start_order == "prefill_first"
+    # Traces go to the node's collector, on the port its OTLP/HTTP receiver listens on.
+    collector = yaml.safe_load((ROOT / "deploy/observability/adot-collector.yaml").read_text())
+    receiver = collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert cfg.telemetry.tracing.enabled
+    assert cfg.telemetry.tracing.endpoint == f"http://{receiver}"
 
 
 @pytest.mark.parametrize("path", AWS_PRESETS, ids=lambda p: p.name)
