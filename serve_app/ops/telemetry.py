@@ -11,9 +11,11 @@ here: this module only records what the Router decided.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -24,7 +26,11 @@ from serve_app.ops import tracing
 from serve_app.ops.metrics import RouterMetrics, ServerMetrics, exposition, server_families
 
 REQUEST_ID_HEADER = "x-request-id"
+_CURRENT: contextvars.ContextVar[RequestTelemetry | None] = contextvars.ContextVar(
+    "pd_request_telemetry", default=None
+)
 _FINISH_REASON = re.compile(r'"finish_reason":\s*"([a-z_]+)"')
+_USAGE = re.compile(r'"usage":\s*\{')
 
 
 class RouterTelemetry:
@@ -36,8 +42,11 @@ class RouterTelemetry:
         self.tracer = tracing.Tracer(cfg.telemetry.tracing, "Router")
 
     def begin(self, endpoint: str, headers: Mapping[str, str] | None = None) -> RequestTelemetry:
-        """A request arrived (HTTP headers, or none on the handle API)."""
-        return RequestTelemetry(self, endpoint, headers or {})
+        """A request arrived (HTTP headers, or none on the handle API). The record is also the
+        current one of this task and the tasks it starts (`current_request`)."""
+        record = RequestTelemetry(self, endpoint, headers or {})
+        _CURRENT.set(record)
+        return record
 
     def shed(self, endpoint: str, reason: str) -> None:
         self.metrics.shed.labels(endpoint, reason).inc()
@@ -61,6 +70,24 @@ class RouterTelemetry:
             if is_up:
                 families[phase] = answer
         return exposition(self.metrics.registry, families)
+
+
+def current_request() -> RequestTelemetry | NullRequest:
+    """The request this task serves (`RouterTelemetry.begin`), or one that records nothing."""
+    return _CURRENT.get() or NullRequest()
+
+
+class NullRequest:
+    """Stands in where no request was begun: every step is a no-op."""
+
+    def __init__(self) -> None:
+        self.request_id = uuid.uuid4().hex
+
+    def carrier(self) -> dict[str, str]:
+        return {}
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 class RequestTelemetry:
@@ -107,8 +134,15 @@ class RequestTelemetry:
         self._prefill_started = time.perf_counter()
         self._enter("prefill")
 
-    def prefill_finished(self, outcome: str) -> None:
-        """`outcome`: `ok`, `client_error` (went back to the client) or `failed`."""
+    def prefill_finished(self, answer: Any) -> None:
+        """What the Router's prefill step returned: a `PrefillResult` (`ok`), an error outcome
+        for the client (`client_error`, or `failed` for a 5xx), or None (`failed`)."""
+        if answer is None:
+            outcome = "failed"
+        elif hasattr(answer, "kv_transfer_params"):
+            outcome = "ok"
+        else:
+            outcome = "client_error" if getattr(answer, "status", 500) < 500 else "failed"
         now = time.perf_counter()
         self._leave("prefill")
         if self._prefill_started is not None:
@@ -118,18 +152,19 @@ class RequestTelemetry:
         if outcome == "ok":
             self._prefill_returned = now
 
-    def fell_back(self, reason: str) -> None:
-        """Prefill failed; decode runs the whole request."""
-        self._metrics.fallbacks.labels(self.endpoint, reason).inc()
-        self.routed("decode_only", "fallback")
-        self.span.add_event("fallback", {"pd.fallback.reason": reason[:200]})
+    def fell_back(self, failed_phase: str, route: str, reason: str) -> None:
+        """`failed_phase`'s engine failed; the request runs whole on the other (`route`)."""
+        self._metrics.fallbacks.labels(self.endpoint, f"{failed_phase}_failed").inc()
+        self.span.add_event("fallback", {"pd.fallback.failed_phase": failed_phase})
+        self.routed(route, reason)
 
-    def decode_started(self) -> None:
-        self._enter("decode")
+    def generate_started(self, phase: str) -> None:
+        """A generate stream was opened on `phase`'s server."""
+        self._enter(phase)
 
-    def decode_first_item(self) -> None:
-        """Decode's first item reached the Router: the end of the handoff."""
-        if self._prefill_returned is not None:
+    def first_item(self, phase: str) -> None:
+        """`phase`'s first item reached the Router: after a prefill, the end of the handoff."""
+        if phase == "decode" and self._prefill_returned is not None:
             self._metrics.handoff.labels(self.endpoint).observe(
                 time.perf_counter() - self._prefill_returned
             )
@@ -158,7 +193,7 @@ class RequestTelemetry:
         try:
             async for text in stream:
                 self.first_token()
-                if '"usage":' in text and '"usage":null' not in text:
+                if _USAGE.search(text):
                     usage = _last_usage(text) or usage
                 if '"finish_reason"' in text:
                     reasons += _FINISH_REASON.findall(text)
@@ -220,8 +255,10 @@ class RequestTelemetry:
 
 
 def _last_usage(text: str) -> dict | None:
+    """The usage of the last event in `text` that has one (a usage chunk, or any chunk with
+    `continuous_usage_stats`)."""
     for event in reversed(text.split("\n\n")):
-        if '"usage":' in event and event.startswith("data: {"):
+        if event.startswith("data: {") and _USAGE.search(event):
             try:
                 return json.loads(event[len("data: "):]).get("usage")
             except ValueError:

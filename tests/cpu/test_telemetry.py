@@ -4,6 +4,7 @@ with Prometheus' own parser, and the Router's per-request bookkeeping."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Iterator
 
 import pytest
@@ -148,9 +149,12 @@ def test_router_bookkeeping_of_a_stream_and_a_unary_request() -> None:
     record.routed("disaggregated", "")
     record.prefill_started()
     assert _sample(registry, "pd:requests_in_flight", phase="prefill") == 1
-    record.prefill_finished("ok")
-    record.decode_started()
-    record.decode_first_item()
+    class Result:
+        kv_transfer_params = {}
+
+    record.prefill_finished(Result())
+    record.generate_started("decode")
+    record.first_item("decode")
 
     async def events():
         yield 'data: {"choices":[{"text":"a","finish_reason":null}]}\n\n'
@@ -176,3 +180,24 @@ def test_router_bookkeeping_of_a_stream_and_a_unary_request() -> None:
                    reason="") == 1
     assert _sample(registry, "pd:requests_total", endpoint="chat", status="500", route="none",
                    reason="") == 0
+
+
+def test_the_begun_request_is_current_in_its_task_only() -> None:
+    from serve_app.ops.telemetry import NullRequest, current_request
+
+    telemetry = RouterTelemetry(AppConfig())
+
+    async def one(endpoint: str) -> tuple[str, str]:
+        record = telemetry.begin(endpoint, {})
+        await asyncio.sleep(0)
+        assert current_request() is record
+        return record.request_id, current_request().request_id
+
+    async def both() -> list[tuple[str, str]]:
+        return await asyncio.gather(one("chat"), one("completions"))
+
+    for begun, seen in asyncio.run(both()):
+        assert begun == seen
+    outside = contextvars.Context().run(current_request)  # a context no request began in
+    assert isinstance(outside, NullRequest) and outside.carrier() == {}
+    outside.routed("disaggregated", "")  # records nothing, raises nothing
