@@ -197,14 +197,20 @@ class RequestTelemetry:
                     usage = _last_usage(text) or usage
                 if '"finish_reason"' in text:
                     reasons += _FINISH_REASON.findall(text)
-                if text.startswith('data: {"error"'):
+                if 'data: {"error"' in text:
                     status, error = _error_status(text), "stream_error"
                 yield text
+        except (GeneratorExit, asyncio.CancelledError):
+            status, error = 499, "cancelled"  # the client left
+            raise
         except BaseException as exc:
-            status, error = 499, type(exc).__name__  # client gone, or the stream failed
+            status, error = 500, type(exc).__name__
             raise
         finally:
             self.finish(status, usage=usage, finish_reasons=reasons, error=error)
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()  # the inner generators' own clean-up runs now, not at GC
 
     def finish(
         self,
@@ -268,7 +274,8 @@ def _last_usage(text: str) -> dict | None:
 
 def _error_status(text: str) -> int:
     try:
-        code = json.loads(text.split("\n\n", 1)[0][len("data: "):])["error"].get("code")
+        event = text[text.index('data: {"error"'):].split("\n\n", 1)[0]
+        code = json.loads(event[len("data: "):])["error"].get("code")
         return int(code) if code else 500
     except (ValueError, KeyError, TypeError, AttributeError):
         return 500

@@ -201,3 +201,31 @@ def test_the_begun_request_is_current_in_its_task_only() -> None:
     outside = contextvars.Context().run(current_request)  # a context no request began in
     assert isinstance(outside, NullRequest) and outside.carrier() == {}
     outside.routed("disaggregated", "")  # records nothing, raises nothing
+
+
+def test_a_stream_that_fails_or_is_left_is_counted_and_closed() -> None:
+    telemetry = RouterTelemetry(AppConfig())
+    registry = telemetry.metrics.registry
+    closed = []
+
+    async def events():
+        try:
+            yield 'data: {"choices":[{"text":"a"}]}\n\n'
+            yield 'data: {"error": {"message": "decode failed", "code": 503}}\n\ndata: [DONE]\n\n'
+        finally:
+            closed.append(True)
+
+    failed = telemetry.begin("completions", {})
+    asyncio.run(_drain(failed.respond(200, None, events())))
+    assert _sample(registry, "pd:requests_total", endpoint="completions", status="503",
+                   route="none", reason="") == 1
+
+    async def leave_after_one() -> None:
+        stream = telemetry.begin("completions", {}).respond(200, None, events())
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+
+    asyncio.run(leave_after_one())
+    assert _sample(registry, "pd:requests_total", endpoint="completions", status="499",
+                   route="none", reason="") == 1
+    assert closed == [True, True]  # the inner stream's clean-up ran at once both times
