@@ -184,6 +184,40 @@ class RouterConfig(_Strict):
     health_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class LimitsConfig(_Strict):
+    """What one HTTP request may carry (`policy/limits.py`). Past a limit the client gets an
+    OpenAI error naming it (413 for the body, 400 for the rest) before any engine sees it."""
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    """The request body, by its Content-Length and by the bytes actually received (8 MiB: a
+    128k-token prompt as text or as token ids fits several times)."""
+    max_json_depth: int = Field(default=64, ge=4, le=512)
+    """Nesting of arrays and objects in the body (Python's parser and pickle recurse)."""
+    max_prompts: int = Field(default=64, ge=1, le=4096)
+    """Prompts in one completions request (`prompt` as a list of strings or of id lists)."""
+    max_prompt_length: int = Field(default=1024 * 1024, ge=1)
+    """Characters of one text prompt, or ids of one token-id prompt (completions `prompt`; the
+    text of one chat message). The engine's `max_model_len` still applies after it."""
+    max_messages: int = Field(default=1024, ge=1)
+    """Messages in one chat request."""
+
+
+class AuthConfig(_Strict):
+    """Optional bearer API keys for the HTTP API (`policy/auth.py`); off while neither source is
+    set. The YAML names only where the keys are, never a key. `/health` stays open; callers of
+    the deployment handles are inside the cluster and are not checked."""
+
+    api_keys_file: str | None = None
+    """A file of keys, one per line (blank lines and `#` comments skipped), read at Router start."""
+    api_keys_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """The name of an environment variable of the Router's process: one key, or several
+    separated by commas."""
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.api_keys_file is not None or self.api_keys_env is not None
+
+
 class AppConfig(_Strict):
     """The builder's `args:` in the serve YAML."""
 
@@ -201,6 +235,8 @@ class AppConfig(_Strict):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     mps: MpsConfig = Field(default_factory=MpsConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     memory_headroom: float = Field(default=0.05, ge=0.0, lt=0.5)
     """Share of the card left to CUDA contexts, NCCL/UCX buffers and fragmentation."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from argparse import Namespace
 from collections.abc import AsyncIterator
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.config import AppConfig
-from serve_app.kv_transfer import kv_transfer_config
+from serve_app.kv_transfer import check_side_channel_free, kv_transfer_config
 from serve_app.partition import phase_memory_kwargs
+from serve_app.vllm_plugin import OWNER_PID_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,11 @@ class Engine:
         self._engine: Any = None
 
     async def start(self) -> None:
+        # Before vLLM's imports: a cause found here fails the replica in a second, not a minute.
+        if not self.cfg.is_unified:
+            check_side_channel_free(self.cfg, self.role)  # a taken port would hang the start
+        # The engine's processes (EngineCore, workers) die with this one (vllm_plugin).
+        os.environ[OWNER_PID_ENV] = str(os.getpid())
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state

@@ -6,6 +6,9 @@ decided per request by `kv_transfer_params` (see `protocol.py`), not by the engi
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from typing import Any
 
 from serve_app.config import AppConfig
@@ -52,3 +55,41 @@ def kv_transfer_env(cfg: AppConfig, role: str) -> dict[str, str]:
         # Keep UCX on loopback too: its default picks every interface it finds.
         env["UCX_NET_DEVICES"] = "lo"
     return env
+
+
+def check_side_channel_free(cfg: AppConfig, role: str) -> None:
+    """Raise naming the port and its config field if the `role` engine's NIXL side channel
+    cannot be bound. vLLM binds it in a thread of EngineCore and waits for it without a timeout,
+    so a port already taken (an orphaned engine, another app) would hang the start silently."""
+    host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.kv_transfer.side_channel_host)
+    port = int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", cfg.phase(role).nixl_side_channel_port))
+    field = f"{role}.nixl_side_channel_port"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As ZMQ binds it: a port left in TIME_WAIT is free, only a listener makes it taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise RuntimeError(
+                    f"NIXL side-channel port {port} on {host} ({field}) is already in use"
+                    f"{_holder(port)}: stop what holds it or choose another {field}"
+                ) from None
+            raise RuntimeError(
+                f"cannot bind the NIXL side channel {host}:{port} ({field}, "
+                f"kv_transfer.side_channel_host): {exc.strerror}"
+            ) from None
+
+
+def _holder(port: int) -> str:
+    """`by pid N (name)` for the process listening on `port`, where this process may see it."""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+                name = psutil.Process(conn.pid).name() if conn.pid else "?"
+                return f" by pid {conn.pid} ({name})" if conn.pid else ""
+    except Exception:  # noqa: BLE001 - only a hint in the message
+        pass
+    return ""

@@ -1,5 +1,5 @@
 """A vLLM general plugin: NIXL's progress thread gets a poll delay; decode loads only what
-prefill computed.
+prefill computed; an engine's processes die with the replica that started them.
 
 NIXL 1.5.1's Python API creates every agent with `pthrDelay = 0`, so each engine's progress
 thread spins a whole core even when idle. On a many-core GPU host that is a bounded cost; on a
@@ -18,15 +18,28 @@ load the whole prompt's length, which at a block boundary needs one block more t
 holds (an assertion in the read). Loading at most `remote_num_tokens` (what prefill reports it
 computed) is the same count in the plain handoff and the right one for the continuation; the
 scheduler then computes the rest locally.
+
+Third, no orphans: vLLM 0.32 ties a worker to its EngineCore (a death pipe) but nothing ties the
+EngineCore to the process that started it, so a replica killed by SIGKILL or `ray stop --force`
+left both running (GBs of memory, the NIXL port held, the next start hung on that port). In every
+process started under an engine's owner (`OWNER_PID_ENV`, set by `engine.Engine.start`), the
+plugin asks the kernel for SIGKILL when the parent dies (`PR_SET_PDEATHSIG`), then checks the
+parent is still the one that started it (it may have died before the request took effect).
+Linux sends that signal when the *thread* that started the process exits: vLLM starts EngineCore
+from the replica's long-lived user-code thread and its workers from EngineCore's main thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
 ENV_VAR = "PD_SERVE_NIXL_PROGRESS_DELAY_US"
+OWNER_PID_ENV = "PD_SERVE_ENGINE_OWNER_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 logger = logging.getLogger(__name__)
 
 
@@ -79,6 +92,8 @@ def clamp_remote_load(cls: Any) -> None:
 
 def register() -> None:
     """Entry point of the `vllm.general_plugins` group; safe to call more than once."""
+    die_with_parent()
+    _lower_priority()
     cls = pull_scheduler_class()
     if cls is not None:
         clamp_remote_load(cls)
@@ -97,3 +112,40 @@ def _set_progress_delay() -> None:
         return
     _api.nixlBind = _BindingsWithPollDelay(_api.nixlBind, int(raw))
     logger.info("NIXL progress thread poll delay set to %s us", raw)
+
+
+def die_with_parent() -> None:
+    """In a process started under an engine's owner (EngineCore, its workers), die by SIGKILL
+    as soon as the parent process does. Does nothing in the owner itself or anywhere else."""
+    owner = os.environ.get(OWNER_PID_ENV)
+    if not owner or owner == str(os.getpid()) or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d)", ctypes.get_errno())
+        return
+    parent = multiprocessing.parent_process()
+    orphaned = os.getppid() != parent.pid if parent is not None else os.getppid() == 1
+    if orphaned:
+        # Orphaned before the request took effect: the kernel will not signal any more.
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+NICE_ENV = "PD_SERVE_ENGINE_NICE"
+_niced = False
+
+
+def _lower_priority() -> None:
+    """CPU build: the engine's own processes (EngineCore, workers) yield the cores to the
+    request path (Router, proxy, the servers' replicas) when both want them (`cpu_nice`)."""
+    global _niced
+    value = os.environ.get(NICE_ENV)
+    owner = os.environ.get(OWNER_PID_ENV)
+    if _niced or not value or not owner or owner == str(os.getpid()):
+        return
+    os.nice(int(value))
+    _niced = True
+
