@@ -130,6 +130,22 @@ def test_too_many_prompts_is_400_naming_the_param(guarded: dict) -> None:
     assert ok.status_code == 200 and len(ok.json()["choices"]) == MAX_PROMPTS
 
 
+def test_a_list_of_prompts_gets_each_prompts_own_greedy_output(guarded: dict) -> None:
+    """Found by the prompt-count test: prefill runs every prompt of the list, but hands one set
+    of `kv_transfer_params` to decode, which reads prompt 0's blocks for every prompt (wrong
+    text with HTTP 200) and leaves the other prompts' blocks on prefill until their lease ends.
+    A list of prompts must not be disaggregated as one request (`protocol.can_disaggregate`)."""
+    prompts = ["The quick brown fox jumps over", "Hello world, my name is Anna and I live in a"]
+    body = completion(max_tokens=8, temperature=0.0)
+    alone = [
+        guarded["http"].post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+        for p in prompts
+    ]
+    together = guarded["http"].post("/v1/completions", json={**body, "prompt": prompts}).json()
+    texts = [c["text"] for c in sorted(together["choices"], key=lambda c: c["index"])]
+    assert texts == alone
+
+
 # ---- fuzz --------------------------------------------------------------------------------------
 
 # Numbers at the edges (0, negatives, past 32 and 64 bits, NaN, infinities) and small ones, but
