@@ -18,6 +18,7 @@ from typing import Any
 
 from serve_app.config import AppConfig
 from serve_app.kv_transfer import check_side_channel_free, kv_transfer_config
+from serve_app.ops.tracing import engine_tracing_kwargs
 from serve_app.partition import phase_memory_kwargs
 from serve_app.vllm_plugin import OWNER_PID_ENV
 
@@ -39,6 +40,7 @@ def engine_argv(cfg: AppConfig, role: str) -> list[str]:
     if model.max_model_len is not None:
         kwargs["max_model_len"] = model.max_model_len
     kwargs.update(phase_memory_kwargs(cfg, role))
+    kwargs.update(engine_tracing_kwargs(cfg.telemetry.tracing))
     kwargs.update(cfg.phase(role).engine_kwargs)
     return _to_argv(kwargs)
 
@@ -170,8 +172,25 @@ class Engine:
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
 
-    async def create(self, endpoint: str, request: Any) -> Any:
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of one KV block over all layers (K and V), as NIXL moves them (full
+        attention: one KV cache group, what both engines here run)."""
+        from vllm.utils.torch_utils import get_kv_cache_torch_dtype
+
+        config = self._engine.vllm_config
+        model, cache, parallel = config.model_config, config.cache_config, config.parallel_config
+        dtype = get_kv_cache_torch_dtype(cache.cache_dtype, model.dtype)
+        per_token = (
+            2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
+            * model.get_head_size() * dtype.itemsize
+        )
+        return int(per_token * cache.block_size)
+
+    async def create(self, endpoint: str, request: Any, context: Any = None) -> Any:
         """Run one OpenAI request: a response model, an `ErrorResponse`, or an SSE generator.
+
+        `context` (from `request_context`) carries trace headers into vLLM and its usage out.
 
         vLLM's HTTP layer turns the exceptions of request validation (prompt too long, bad
         sampling parameters) into error responses; without that layer it is done here, with
@@ -183,8 +202,10 @@ class Engine:
 
         try:
             if endpoint == "chat":
-                return await self._state.openai_serving_chat.create_chat_completion(request, None)
-            return await self._state.openai_serving_completion.create_completion(request, None)
+                return await self._state.openai_serving_chat.create_chat_completion(
+                    request, context
+                )
+            return await self._state.openai_serving_completion.create_completion(request, context)
         except Exception as exc:  # noqa: BLE001 - becomes an OpenAI error with vLLM's status
             return create_error_response(exc)
 
@@ -209,6 +230,22 @@ class Engine:
     async def all_blocks_free(self) -> bool:
         """True when no KV block is allocated (resetting the prefix cache only succeeds then)."""
         return bool(await self._engine.reset_prefix_cache())
+
+
+def request_context(trace_headers: dict[str, str] | None = None) -> Any:
+    """A stand-in for the HTTP request vLLM's serving layer reads when it has one: the trace
+    headers (vLLM's spans then join the trace) in, the final usage (`final_usage`) out."""
+    from starlette.requests import Request
+
+    headers = [(k.lower().encode(), v.encode()) for k, v in (trace_headers or {}).items()]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+
+def final_usage(context: Any) -> dict[str, Any] | None:
+    """The usage vLLM recorded for the request run with `context`, once it is done."""
+    metadata = getattr(context.state, "request_metadata", None)
+    usage = getattr(metadata, "final_usage_info", None)
+    return usage.model_dump() if usage is not None else None
 
 
 async def iterate_sse(generator: AsyncIterator[str]) -> AsyncIterator[str]:

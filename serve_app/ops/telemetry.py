@@ -25,7 +25,8 @@ from serve_app.config import AppConfig
 from serve_app.ops import tracing
 from serve_app.ops.metrics import RouterMetrics, ServerMetrics, exposition, server_families
 
-REQUEST_ID_HEADER = "x-request-id"
+# Not `x-request-id`: Ray Serve's proxy sets that one to its own id.
+REQUEST_ID_HEADER = "x-pd-request-id"
 _CURRENT: contextvars.ContextVar[RequestTelemetry | None] = contextvars.ContextVar(
     "pd_request_telemetry", default=None
 )
@@ -113,6 +114,14 @@ class RequestTelemetry:
         self.request_id = tracing.request_id(self.span)
         self.span.set_attribute("pd.request_id", self.request_id)
 
+    def headers(self) -> dict[str, str]:
+        """Response headers naming the request and its trace: ours, and W3C's `traceresponse`."""
+        context = self.span.get_span_context()
+        return {
+            REQUEST_ID_HEADER: self.request_id,
+            "traceresponse": f"00-{self.request_id}-{int(context.trace_flags):02x}",
+        }
+
     # ---- the steps ------------------------------------------------------------------------
 
     def admitted(self, request: Any) -> None:
@@ -186,7 +195,7 @@ class RequestTelemetry:
         if stream is None:
             self.finish(status, body)
             return None
-        return self._watch(stream)
+        return _Watched(self, stream)
 
     async def _watch(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
         status, error, usage, reasons = 200, None, None, []
@@ -279,6 +288,22 @@ def _error_status(text: str) -> int:
         return int(code) if code else 500
     except (ValueError, KeyError, TypeError, AttributeError):
         return 500
+
+
+class _Watched:
+    """The response stream, watched: TTFT at its first item, usage and errors as they pass, the
+    request finished at its end, or when it is dropped without ever being read (a client gone
+    before the first byte: Starlette then never iterates it)."""
+
+    def __init__(self, record: RequestTelemetry, stream: AsyncIterator[str]) -> None:
+        self._record = record
+        self._stream = stream
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._record._watch(self._stream)
+
+    def __del__(self) -> None:
+        self._record.finish(499, error="never_read")  # a no-op once the stream has finished
 
 
 class ServerTelemetry:

@@ -159,7 +159,8 @@ def end(span: Span, status_code: int | None = None, error: str | None = None) ->
             span.set_attribute("http.response.status_code", status_code)
         if error is not None or (status_code or 0) >= 400:
             span.set_attribute("error.type", error or str(status_code))
-        if error is not None or (status_code or 0) >= 500:
+        is_error = status_code >= 500 if status_code is not None else error is not None
+        if is_error:
             span.set_status(Status(StatusCode.ERROR, error or f"HTTP {status_code}"))
     span.end()
 
