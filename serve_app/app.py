@@ -18,6 +18,10 @@ from serve_app.partition import phase_actor_options
 from serve_app.router import Router
 from serve_app.servers import DecodeServer, PrefillServer
 
+# The servers' calls come from the Router (requests, and its health probes twice a second): the
+# Router's access log is the one that tells what clients did.
+SERVER_LOGGING = {"enable_access_log": False}
+
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     """Validate `args` (raises pydantic's ValidationError naming the field) and bind the graph."""
@@ -29,17 +33,20 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
             name="EngineServer",
             ray_actor_options=phase_actor_options(cfg, "decode"),
             max_ongoing_requests=cfg.decode.max_ongoing_requests,
+            logging_config=SERVER_LOGGING,
         ).bind(cfg_dict)
         return _router(cfg, cfg_dict, None, engine)
     prefill = PrefillServer.options(
         ray_actor_options=phase_actor_options(cfg, "prefill"),
         max_ongoing_requests=cfg.prefill.max_ongoing_requests,
         num_replicas=cfg.prefill.num_replicas,
+        logging_config=SERVER_LOGGING,
     ).bind(cfg_dict)
     decode = DecodeServer.options(
         ray_actor_options=phase_actor_options(cfg, "decode"),
         max_ongoing_requests=cfg.decode.max_ongoing_requests,
         num_replicas=cfg.decode.num_replicas,
+        logging_config=SERVER_LOGGING,
     ).bind(cfg_dict, prefill)
     return _router(cfg, cfg_dict, prefill, decode)
 

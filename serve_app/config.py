@@ -45,6 +45,12 @@ class ModelConfig(_Strict):
     def name(self) -> str:
         return self.served_model_name or self.source
 
+    @property
+    def tokenizer_source(self) -> str | None:
+        """Where the router loads the tokenizer from: the model's own folder or hub id (an
+        s3:// model is on the engines' disks only; the router then estimates lengths)."""
+        return None if self.source.startswith("s3://") else self.source
+
     @field_validator("source")
     @classmethod
     def _s3_source_names_a_bucket(cls, value: str) -> str:
@@ -75,8 +81,13 @@ class PhaseConfig(_Strict):
     """CPU build only: cores for the engine's worker (`VLLM_CPU_OMP_THREADS_BIND`), e.g. `0`."""
     cpu_kv_cache_gib: int | None = Field(default=None, ge=1, le=1024)
     """CPU build only: KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
+    cpu_nice: int | None = Field(default=None, ge=0, le=19)
+    """CPU build only: niceness added to the engine's processes, so the request path (Router,
+    HTTP proxy, replicas) gets the cores first when both want them."""
     num_replicas: int = Field(default=1, ge=1, le=1)
-    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+    """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
+    router's health probes are never queued behind requests."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Any other vLLM engine argument, e.g. `max_num_batched_tokens`, `enforce_eager`."""
     env: dict[str, str] = Field(default_factory=dict)
@@ -172,9 +183,60 @@ class MpsConfig(_Strict):
     the results are wrong (`serve_app/gpu_gate.py`). False skips it (not advised)."""
 
 
+class RoutingConfig(_Strict):
+    """Conditional disaggregation: which requests go through prefill (`policy/route.py`)."""
+
+    conditional: bool = True
+    """False sends every request through prefill (the plain disaggregated app)."""
+    short_prompt_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Prompts with fewer tokens run decode-local. None derives it: on the CPU build the value
+    measured on a 2-core machine (README "Benchmarks"); on a GPU the prompt decode can prefill
+    within `local_prefill_budget_ms` at its SM share (0 disaggregates every prompt)."""
+    local_prefill_budget_ms: float = Field(default=20.0, gt=0.0, le=10_000.0)
+    """GPU only: how long one local prefill may stall decode's running streams."""
+    decode_peak_tflops: float = Field(default=989.0, gt=0.0)
+    """GPU only: the card's dense BF16 peak (H100/H200: 989), scaled by decode's SM share."""
+    prefill_backlog_ratio: float = Field(default=4.0, ge=1.0)
+    """Load rule: prefill's queue this many times deeper than decode's (plus one) ..."""
+    prefill_backlog_min: int = Field(default=4, ge=1)
+    """... and at least this deep sends prompts up to `backlog_local_max_tokens` decode-local."""
+    backlog_local_max_tokens: int | None = Field(default=None, ge=0)
+    """Longest prompt the load rule keeps local; None: 4 x `short_prompt_tokens`."""
+
+
+class AdmissionConfig(_Strict):
+    """Bounded admission (`policy/admission.py`): past these, 429 with `Retry-After`.
+
+    Limits are per Router replica. `max_in_flight` bounds the requests being served at once;
+    up to `max_waiting` more wait for a slot for at most `max_wait_s`; the rest are shed at once.
+    """
+
+    enabled: bool = True
+    max_in_flight: int = Field(default=256, ge=1)
+    max_waiting: int = Field(default=256, ge=0)
+    max_wait_s: float = Field(default=1.0, ge=0.0, le=3600.0)
+    max_prefill_in_flight: int = Field(default=64, ge=1)
+    """Disaggregated requests in prefill at once; past it a request waits for prefill."""
+    decode_kv_usage_limit: float = Field(default=0.95, gt=0.0, le=1.0)
+    """Decode's KV cache usage at or above which new work waits (and is shed past
+    `max_wait_s`) until it drains."""
+    retry_after_s: int = Field(default=1, ge=1, le=3600)
+
+
+class FailoverConfig(_Strict):
+    """Health the router keeps of both engines, so a dead one is routed around at once."""
+
+    probe_period_s: float = Field(default=0.5, gt=0.0, le=60.0)
+    probe_timeout_s: float = Field(default=2.0, gt=0.0, le=600.0)
+    prefill_deadline_s: float = Field(default=30.0, gt=0.0)
+    """A prefill call past this is abandoned (blocks released) and decode runs the request."""
+
+
 class RouterConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
-    max_ongoing_requests: int = Field(default=512, ge=1)
+    max_ongoing_requests: int = Field(default=4096, ge=1)
+    """Serve's own limit per Router replica: high, so that every request reaches `admission`
+    (which answers OpenAI 429s) instead of waiting in Serve's proxy or getting its plain text."""
     num_cpus: float = Field(default=0.5, ge=0.0)
     fallback_to_decode: bool = True
     """When prefill fails (not the client's fault), decode runs the whole request."""
@@ -182,6 +244,9 @@ class RouterConfig(_Strict):
     """Streamed completions get prefill's first token at once; decode continues after it
     (`serve_app/first_token.py`). False: decode makes every token, the first one included."""
     health_timeout_s: float = Field(default=10.0, gt=0)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
 
 
 class LimitsConfig(_Strict):
@@ -302,7 +367,7 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _settings_match_the_device(self) -> AppConfig:
         gpu_only = ("sm_percentage", "pinned_device_mem_limit", "gpu_memory_utilization")
-        cpu_only = ("cpu_cores", "cpu_kv_cache_gib")
+        cpu_only = ("cpu_cores", "cpu_kv_cache_gib", "cpu_nice")
         wrong = cpu_only if self.device == "cuda" else gpu_only
         for phase in self.engine_phases:
             cfg: PhaseConfig = getattr(self, phase)

@@ -169,6 +169,23 @@ class Engine:
             self._engine = None
 
     @property
+    def kv_signature(self) -> str:
+        """What two engines must share for one to read the other's KV blocks: model weights,
+        dtype, KV layout and block size, and the vLLM that lays them out."""
+        import hashlib
+
+        import vllm
+
+        config = self._engine.vllm_config
+        model, cache, parallel = config.model_config, config.cache_config, config.parallel_config
+        parts = (
+            vllm.__version__, model.model, model.revision, str(model.dtype), cache.cache_dtype,
+            cache.block_size, model.get_num_layers(parallel), model.get_num_kv_heads(parallel),
+            model.get_head_size(),
+        )
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+    @property
     def max_model_len(self) -> int:
         return int(self._engine.model_config.max_model_len)
 

@@ -169,3 +169,22 @@ class ContinuationEvents:
                 choice["prompt_token_ids"] = None
                 self._seen_prompt_ids = True
         return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+
+def move_usage(text: str, num_tokens: int) -> str:
+    """`text`'s SSE events with every usage moving `num_tokens` from prompt to completion
+    (tokens an engine was given as prompt that the client's request generated)."""
+    return "".join(_moved(event, num_tokens) for event in text.split("\n\n") if event)
+
+
+def _moved(event: str, num_tokens: int) -> str:
+    data = event.removeprefix("data: ")
+    if '"usage"' not in data or data.strip() == "[DONE]":
+        return event + "\n\n"
+    chunk = json.loads(data)
+    usage = chunk.get("usage")
+    if usage:
+        usage["prompt_tokens"] -= num_tokens
+        usage["completion_tokens"] += num_tokens
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+

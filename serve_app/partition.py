@@ -64,6 +64,8 @@ def _cpu_env(cfg: AppConfig, role: str) -> dict[str, str]:
         env["VLLM_CPU_OMP_THREADS_BIND"] = phase.cpu_cores
     if phase.cpu_kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(phase.cpu_kv_cache_gib)
+    if phase.cpu_nice is not None:
+        env["PD_SERVE_ENGINE_NICE"] = str(phase.cpu_nice)
     return env
 
 

@@ -96,8 +96,13 @@ def prepare_decode_request(request: Any, request_id: str, result: PrefillResult 
 
 
 def can_disaggregate(request: Any) -> bool:
-    """Requests whose prompt KV one prefill can hand to one decode (no beam search, n == 1)."""
-    return (getattr(request, "n", 1) or 1) == 1 and not getattr(request, "use_beam_search", False)
+    """Requests whose prompt KV one prefill can hand to one decode: one prompt (prefill returns
+    one set of `kv_transfer_params`, so a list of prompts would hand every prompt the first
+    one's blocks), n == 1, no beam search."""
+    if (getattr(request, "n", 1) or 1) != 1 or getattr(request, "use_beam_search", False):
+        return False
+    prompt = getattr(request, "prompt", None)
+    return not (isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int))
 
 
 def copy_request(request: Any, **updates: Any) -> Any:

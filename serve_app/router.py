@@ -1,21 +1,34 @@
 """The `Router` ingress: OpenAI HTTP API in front of one prefill and one decode engine.
 
-The steps of one request:
+The steps of one request (`Router._run`), each decision a named call into `policy/`:
 
-1. Admit: parse the JSON body into vLLM's own request model; bad input answers an OpenAI error
+1. Admit: a slot of `router.admission`, or a 429 with `Retry-After` at once
+   (`policy/admission.py`), before any other work; both engines down is a 503 at once.
+2. Validate: parse the JSON body into vLLM's own request model; bad input answers an OpenAI error
    (400 malformed / invalid, 404 unknown model) before any engine sees it.
-2. Prefill: the PrefillServer runs a copy of the request with `max_tokens=1` and
+3. Count: the prompt is tokenized once, here (`prompt_tokens.py`); the ids travel on, so no
+   engine tokenizes it again.
+4. Route: disaggregated, decode-only (short prompt, prefill backlog, prefill down, KV layouts
+   that disagree) or prefill-only (decode down) (`policy/route.py`). The decision goes back in
+   the `x-pd-route` header.
+5. Prefill: the PrefillServer runs a copy of the request with `max_tokens=1` and
    `kv_transfer_params={"do_remote_decode": true}`; it returns where the prompt's KV blocks wait.
    A client error there (prompt too long, ...) goes back to the client as is. A server failure
-   there falls back to decode-only (`router.fallback_to_decode`) instead of failing the request.
-3. Hand off: the decode copy of the request carries prefill's `kv_transfer_params` verbatim.
-4. Decode: the DecodeServer reads the blocks over NIXL (no recompute) and generates.
+   or a call past `failover.prefill_deadline_s` falls back to decode-only
+   (`router.fallback_to_decode`) instead of failing the request.
+6. Hand off: the decode copy of the request carries prefill's `kv_transfer_params` verbatim.
+7. Decode: the DecodeServer reads the blocks over NIXL (no recompute) and generates.
    A streamed completion gets prefill's token at once instead, and decode continues after it
-   (`router.first_token_from_prefill`, see `first_token.py`).
-5. Stream: decode's SSE events go to the client untouched (or its one JSON response).
-6. Finish or clean up: a client that leaves closes the decode stream, which aborts the request in
-   the decode engine; one that leaves between prefill and decode makes the router release the
-   blocks prefill holds for it, so nothing waits for a lease to expire.
+   (`router.first_token_from_prefill`, see `first_token.py`). An engine that fails before its
+   first byte is marked down and the request runs whole on the other one.
+8. Stream: the engine's SSE events go to the client untouched (or its one JSON response).
+9. Finish or clean up: the slot is released at the stream's end; a client that leaves closes the
+   decode stream, which aborts the request in the decode engine; one that leaves between prefill
+   and decode makes the router release the blocks prefill holds for it, so nothing waits for a
+   lease to expire.
+
+Between requests the router probes both engines (`_monitor`, `policy/health.py`), so a dead or
+restarting engine is routed around at once and traffic returns when it answers again.
 """
 
 from __future__ import annotations
@@ -23,16 +36,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from serve_app import first_token
+from serve_app import first_token, migration
 from serve_app.config import AppConfig
+from serve_app.ops.metrics import CONTENT_TYPE
+from serve_app.ops.telemetry import RouterTelemetry, current_request
+from serve_app.policy import limits
+from serve_app.policy.admission import Admission, Slot
+from serve_app.policy.auth import ApiKeys
+from serve_app.policy.errors import Rejection
+from serve_app.policy.health import PhaseHealth, is_compatible
+from serve_app.policy.http_errors import install_openai_errors
+from serve_app.policy.route import (
+    UNIFIED,
+    PhaseView,
+    Route,
+    RouteDecision,
+    RoutePolicy,
+    fallback,
+    short_prompt_tokens,
+)
+from serve_app.prompt_tokens import PromptTokens
 from serve_app.protocol import (
     Endpoint,
     PrefillResult,
@@ -44,6 +76,7 @@ from serve_app.protocol import (
 
 logger = logging.getLogger("ray.serve")
 fastapi_app = FastAPI(title="pd-serve")
+install_openai_errors(fastapi_app)  # every error OpenAI JSON: before Serve freezes the app
 
 
 def error_body(status: int, message: str, err_type: str, param: str | None = None) -> dict:
@@ -58,14 +91,22 @@ class _Outcome:
         status: int = 200,
         body: dict | None = None,
         stream: AsyncIterator[str] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.stream = stream
+        self.headers = headers or {}
+        self.cleanups: list[Callable[[], Any]] = []
+        """What must run once the stream is done with, even if it is never iterated."""
 
     @classmethod
     def error(cls, status: int, message: str, err_type: str, param: str | None = None):
         return cls(status=status, body=error_body(status, message, err_type, param))
+
+    @classmethod
+    def rejected(cls, rejection: Rejection) -> _Outcome:
+        return cls(status=rejection.status, body=rejection.body, headers=rejection.headers)
 
     @classmethod
     def from_vllm(cls, response: Any) -> _Outcome:
@@ -87,9 +128,59 @@ async def _forward(first: str, stream: Any) -> AsyncIterator[str]:
         stream.cancel()
 
 
+class _Guarded:
+    """A response stream whose cleanups (the admission slot, the engine's stream) run once,
+    however it ends: exhausted, failed, closed, or never iterated at all (a client gone before
+    the first byte: Starlette then drops the iterator, and a generator that never started runs
+    no `finally`)."""
+
+    def __init__(self, stream: AsyncIterator[str], cleanups: list[Callable[[], Any]]) -> None:
+        self.stream = stream
+        self.cleanups = cleanups
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        try:
+            async for text in self.stream:
+                yield text
+        finally:
+            self.close()
+            close = getattr(self.stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def close(self) -> None:
+        cleanups, self.cleanups = self.cleanups, []
+        for cleanup in cleanups:
+            cleanup()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def _final_error_event(body: dict | None) -> str:
     """The last SSE events of a stream that fails after its first chunk went out."""
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
+
+def _num_params(cfg: AppConfig) -> int | None:
+    """The model's parameter count from its config.json, where the planner knows the shape."""
+    try:
+        from serve_app.plan import load_model_shape
+
+        return load_model_shape(cfg.model.source).num_params
+    except Exception:  # noqa: BLE001 - unknown shape: the threshold falls back to its default
+        return None
+
+
+class _PhaseDown(Exception):
+    """An engine was marked down while a request waited on it."""
+
+
+def _other(phase: str) -> str:
+    return "prefill" if phase == "decode" else "decode"
 
 
 # Ray pickles the ingress class by value: every module-level name it uses must be defined above.
@@ -103,6 +194,7 @@ class Router:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         self.cfg = AppConfig.model_validate(cfg)
+        self.api_keys = ApiKeys.load(self.cfg.auth)  # HTTP only; fails the start if none found
         self.prefill = prefill
         self.decode = decode
         self.request_models = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
@@ -113,6 +205,15 @@ class Router:
         self.first_token = (
             self.cfg.router.first_token_from_prefill and pull_scheduler_class() is not None
         )
+        self.prompt_tokens = PromptTokens(self.cfg.model.tokenizer_source)
+        self.route_policy = RoutePolicy(
+            self.cfg.router.routing, short_prompt_tokens(self.cfg, _num_params(self.cfg))
+        )
+        self.health = {"prefill": PhaseHealth("prefill"), "decode": PhaseHealth("decode")}
+        self.num_queued = {"prefill": 0, "decode": 0}
+        self.admission = Admission(self.cfg.router.admission, self._is_decode_full)
+        self._monitor_task: asyncio.Task | None = None
+        self.telemetry = RouterTelemetry(self.cfg)
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -125,33 +226,57 @@ class Router:
         return await self._http(raw, "chat")
 
     @fastapi_app.get("/v1/models")
-    async def http_models(self) -> Response:
+    async def http_models(self, raw: Request) -> Response:
+        self.api_keys.check(raw.headers.get("authorization"))
         return JSONResponse(await self.decode.list_models.remote())
 
     @fastapi_app.get("/health")
     async def http_health(self) -> Response:
-        servers = [s for s in (self.prefill, self.decode) if s is not None]
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(server.check_health.remote() for server in servers)),
-                timeout=self.cfg.router.health_timeout_s,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
-            message = f"engine unhealthy: {type(exc).__name__}: {exc}"
+        """200 while some engine can serve (the router routes around the other one), with each
+        engine's state; 503 when none can. Probes both now, not from memory."""
+        self._ensure_monitor()
+        phases = [p for p in ("prefill", "decode") if self._server(p) is not None]
+        timeout_s = self.cfg.router.health_timeout_s
+        await asyncio.gather(*(self._probe(phase, timeout_s, fresh=True) for phase in phases))
+        states = {p: "up" if self.health[p].is_up else self.health[p].reason for p in phases}
+        if not any(self.health[p].is_up for p in phases):
+            message = "engine unhealthy: " + "; ".join(f"{p}: {r}" for p, r in states.items())
             return JSONResponse(error_body(503, message, "ServiceUnavailableError"), 503)
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok", "engines": states})
+
+    @fastapi_app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """Prometheus text: the Router's metrics and each engine's vLLM metrics (`phase`)."""
+        self.telemetry.set_waiting(self.admission.num_waiting)
+        servers = {"unified": self.decode} if self.prefill is None else {
+            "prefill": self.prefill, "decode": self.decode}
+        return Response(await self.telemetry.scrape(servers), media_type=CONTENT_TYPE)
 
     async def _http(self, raw: Request, endpoint: Endpoint) -> Response:
+        record = self.telemetry.begin(endpoint, raw.headers)
         try:
-            body = json.loads(await raw.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return JSONResponse(
-                error_body(400, f"Malformed JSON body: {exc}", "BadRequestError"), 400
-            )
-        outcome = await self._run(endpoint, body)
-        if outcome.stream is None:
-            return JSONResponse(outcome.body, status_code=outcome.status)
-        return StreamingResponse(outcome.stream, media_type="text/event-stream")
+            outcome = await self._http_outcome(raw, endpoint)
+        except Rejection as rejection:
+            rejection.headers.update(record.headers())
+            record.finish(rejection.status, rejection.body)
+            raise
+        except BaseException as exc:
+            record.finish(500, error=type(exc).__name__)
+            raise
+        outcome.headers.update(record.headers())
+        stream = record.respond(outcome.status, outcome.body, outcome.stream)
+        if stream is None:
+            return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=outcome.headers)
+
+    async def _http_outcome(self, raw: Request, endpoint: Endpoint) -> _Outcome:
+        """API key, body size, JSON, prompt limits (each a 4xx `Rejection`), then the request."""
+        self.api_keys.check(raw.headers.get("authorization"))
+        max_bytes = self.cfg.limits.max_body_bytes
+        data = await limits.read_body(raw.headers.get("content-length"), raw.stream(), max_bytes)
+        body = limits.parse_body(data, self.cfg.limits)
+        limits.check_prompts(endpoint, body, self.cfg.limits)
+        return await self._run(endpoint, body)
 
     # ---- Python handle API ----------------------------------------------------------------
 
@@ -165,17 +290,21 @@ class Router:
     async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[dict]:
         """Streaming for handle callers (`handle.options(stream=True).stream.remote(...)`):
         yields the parsed chunk dicts of the SSE stream, without `[DONE]`."""
+        record = self.telemetry.begin(endpoint)
         outcome = await self._run(endpoint, {**body, "stream": True})
-        if outcome.stream is None:
+        stream = record.respond(outcome.status, outcome.body, outcome.stream)
+        if stream is None:
             raise RequestError(outcome.status, outcome.body or {})
-        async for text in outcome.stream:
+        async for text in stream:
             for event in text.split("\n\n"):
                 data = event.removeprefix("data: ").strip()
                 if data and data != "[DONE]":
                     yield json.loads(data)
 
     async def _unary(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        record = self.telemetry.begin(endpoint)
         outcome = await self._run(endpoint, {**body, "stream": False})
+        record.respond(outcome.status, outcome.body, None)
         if outcome.status != 200 or outcome.body is None:
             raise RequestError(outcome.status, outcome.body or {})
         return outcome.body
@@ -183,27 +312,32 @@ class Router:
     # ---- The request's path ---------------------------------------------------------------
 
     async def _run(self, endpoint: Endpoint, body: Any) -> _Outcome:
-        request = self._admit(endpoint, body)
-        if isinstance(request, _Outcome):
-            return request
-        request_id = uuid.uuid4().hex
-        result: PrefillResult | None = None
-        if self.prefill is not None and can_disaggregate(request):
-            prefilled = await self._prefill(endpoint, request, request_id)
-            if isinstance(prefilled, _Outcome):
-                return prefilled
-            result = prefilled
-            if (
-                self.first_token
-                and endpoint == "completions"
-                and first_token.can_continue(request)
-                and first_token.continues(result)
-            ):
-                return self._continue(request, request_id, result)
-        decode_request = prepare_decode_request(request, request_id, result)
-        return await self._decode(endpoint, decode_request, request_id, result)
+        self._ensure_monitor()
+        try:
+            slot = await self._admit()  # first: a shed request costs as little as possible
+        except Rejection as rejection:
+            self.telemetry.shed(endpoint, "no_engine" if rejection.status == 503 else "capacity")
+            return _Outcome.rejected(rejection)
+        try:
+            request = self._validate(endpoint, body)
+            if isinstance(request, _Outcome):
+                slot.release()
+                return request
+            current_request().admitted(request)
+            num_prompt_tokens, request = self.prompt_tokens.count(endpoint, request)
+            decision = self._route(request, num_prompt_tokens)
+            current_request().routed(decision.route.value, decision.reason.value)
+            outcome = await self._serve(endpoint, request, decision)
+        except BaseException:
+            slot.release()
+            raise
+        if outcome.stream is None:
+            slot.release()
+        else:
+            outcome.stream = _Guarded(outcome.stream, [slot.release, *outcome.cleanups])
+        return outcome
 
-    def _admit(self, endpoint: Endpoint, body: Any) -> Any:
+    def _validate(self, endpoint: Endpoint, body: Any) -> Any:
         from pydantic import ValidationError
 
         if not isinstance(body, dict):
@@ -229,73 +363,301 @@ class Router:
                 )
         return request
 
+    async def _admit(self) -> Slot:
+        """A slot, or a `Rejection`: 503 at once when no engine is up, 429 past the limits."""
+        servers = ("decode",) if self.prefill is None else ("prefill", "decode")
+        if not any(self.health[phase].is_up for phase in servers):
+            reasons = "; ".join(f"{p}: {self.health[p].reason}" for p in servers)
+            raise Rejection(
+                503, f"No engine is available ({reasons})", "ServiceUnavailableError",
+                headers={"Retry-After": str(self.cfg.router.admission.retry_after_s)},
+            )
+        return await self.admission.admit()
+
+    def _route(self, request: Any, num_prompt_tokens: int) -> RouteDecision:
+        if self.prefill is None:
+            return UNIFIED
+        prefill, decode = self.health["prefill"], self.health["decode"]
+        view = PhaseView(
+            is_prefill_up=prefill.is_up,
+            is_decode_up=decode.is_up,
+            is_compatible=is_compatible(prefill, decode),
+            num_prefill_queued=self.num_queued["prefill"],
+            num_decode_queued=self.num_queued["decode"] + decode.num_waiting_reqs,
+        )
+        return self.route_policy.decide(num_prompt_tokens, can_disaggregate(request), view)
+
+    async def _serve(self, endpoint: Endpoint, request: Any, decision: RouteDecision) -> _Outcome:
+        request_id = current_request().request_id  # the trace id, then the Router span's
+        result: PrefillResult | None = None
+        if decision.route is Route.DISAGGREGATED:
+            current_request().prefill_started()
+            prefilled = await self._prefill(endpoint, request, request_id)
+            current_request().prefill_finished(prefilled)
+            if isinstance(prefilled, _Outcome):
+                return prefilled
+            if prefilled is None:
+                decision = fallback()
+                current_request().fell_back("prefill", decision.route.value, decision.reason.value)
+            else:
+                result = prefilled
+                if (
+                    self.first_token
+                    and endpoint == "completions"
+                    and first_token.can_continue(request)
+                    and first_token.continues(result)
+                ):
+                    return self._with_route(self._continue(request, request_id, result), decision)
+        phase = "prefill" if decision.route is Route.PREFILL_ONLY else "decode"
+        decode_request = prepare_decode_request(request, request_id, result)
+        outcome = await self._generate(phase, endpoint, decode_request, request_id, result)
+        return self._with_route(outcome, decision)
+
+    @staticmethod
+    def _with_route(outcome: _Outcome, decision: RouteDecision) -> _Outcome:
+        outcome.headers["x-pd-route"] = decision.header
+        return outcome
+
     async def _prefill(self, endpoint: Endpoint, request: Any, request_id: str) -> Any:
+        self.num_queued["prefill"] += 1
         try:
-            response = await self.prefill.prefill.remote(
-                endpoint, prepare_prefill_request(request, request_id)
+            call = self.prefill.prefill.remote(
+                endpoint, prepare_prefill_request(request, request_id),
+                trace=current_request().carrier(),
+            )
+            response = await self._while_up(
+                "prefill", call, call.cancel, self.cfg.router.failover.prefill_deadline_s
             )
         except asyncio.CancelledError:
             raise
+        except _PhaseDown as down:
+            return self._prefill_failed(str(down), mark_down=False)
+        except asyncio.TimeoutError:
+            deadline = self.cfg.router.failover.prefill_deadline_s
+            return self._prefill_failed(f"no answer within {deadline:g} s", mark_down=False)
         except Exception as exc:  # noqa: BLE001 - a dead or failing prefill replica
             return self._prefill_failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.num_queued["prefill"] -= 1
+        self.health["prefill"].alive()
         if isinstance(response, PrefillResult):
             return response
         outcome = _Outcome.from_vllm(response)
         if outcome.status < 500:
             return outcome
-        return self._prefill_failed(str(outcome.body))
+        return self._prefill_failed(str(outcome.body), mark_down=False)
 
-    def _prefill_failed(self, reason: str) -> Any:
+    def _prefill_failed(self, reason: str, mark_down: bool = True) -> Any:
+        if mark_down:
+            self.health["prefill"].failed(reason)
         if self.cfg.router.fallback_to_decode:
             logger.warning("prefill failed (%s); decode runs the whole request", reason)
             return None
         return _Outcome.error(503, f"prefill failed: {reason}", "ServiceUnavailableError")
 
-    async def _decode(
-        self, endpoint: Endpoint, request: Any, request_id: str, result: PrefillResult | None
+    async def _generate(
+        self,
+        phase: str,
+        endpoint: Endpoint,
+        request: Any,
+        request_id: str,
+        result: PrefillResult | None,
     ) -> _Outcome:
-        stream = self.decode.options(stream=True).generate.remote(endpoint, request)
-        try:
-            first = await stream.__anext__()
-        except BaseException as exc:
-            stream.cancel()
+        """Run `request` on `phase`'s engine; one that fails before its first byte is marked
+        down and the whole request runs on the other engine, if that one is up."""
+        tracker = self._tracker(endpoint, request, phase)
+        if tracker is not None:
+            request = migration.tracked_request(request)
+        first, stream = await self._first_item(phase, endpoint, request, result)
+        if isinstance(first, BaseException):
             if result is not None:
                 await self._release(request_id, result)
-            if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
-                raise
-            return _Outcome.error(503, f"decode failed: {exc}", "ServiceUnavailableError")
+            other = _other(phase)
+            if self._server(other) is None or not self.health[other].is_up:
+                return _Outcome.error(
+                    503, f"{phase} failed: {first}", "ServiceUnavailableError"
+                )
+            logger.warning("%s failed (%s); %s runs the whole request", phase, first, other)
+            current_request().fell_back(phase, f"{other}_only", "fallback")
+            whole = prepare_decode_request(request, request_id, None)
+            phase, (first, stream) = other, await self._first_item(other, endpoint, whole, None)
+            if isinstance(first, BaseException):
+                return _Outcome.error(503, f"{other} failed: {first}", "ServiceUnavailableError")
         if not isinstance(first, str):
             stream.cancel()
             return _Outcome.from_vllm(first)
-        return _Outcome(stream=_forward(first, stream))
+        outcome = _Outcome(stream=self._relay(first, stream, phase, request, request_id, tracker))
+        outcome.cleanups.append(stream.cancel)
+        return outcome
+
+    def _tracker(
+        self, endpoint: Endpoint, request: Any, phase: str, num_given: int = 0
+    ) -> migration.TokenTracker | None:
+        """A tracker of the streamed ids where a break could continue on the other engine."""
+        if self._server(_other(phase)) is None or not migration.can_migrate(endpoint, request):
+            return None
+        return migration.TokenTracker(request, num_client_prompt=len(request.prompt) - num_given)
+
+    async def _first_item(
+        self, phase: str, endpoint: Endpoint, request: Any, result: PrefillResult | None
+    ) -> tuple[Any, Any]:
+        """The stream of `request` on `phase` and its first item (or the exception instead)."""
+        signature = None if result is None else self.health["prefill"].kv_signature
+        server = self._server(phase)
+        stream = server.options(stream=True).generate.remote(
+            endpoint, request, signature, trace=current_request().carrier()
+        )
+        current_request().generate_started(phase)
+        # A stream's first item is its place in the engine's queue; a unary answer's is the
+        # whole request, so it does not count (the probes report the engine's own queue).
+        queued = 1 if request.stream else 0
+        self.num_queued[phase] += queued
+        try:
+            first = await self._while_up(phase, stream.__anext__(), stream.cancel)
+            current_request().first_item(phase)
+            self.health[phase].alive()
+            return first, stream
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            stream.cancel()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the replica failed or died
+            stream.cancel()
+            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
+            return exc, stream
+        finally:
+            self.num_queued[phase] -= queued
+
+    def _server(self, phase: str) -> Any:
+        return self.prefill if phase == "prefill" else self.decode
+
+    async def _while_up(
+        self, phase: str, call: Any, cancel: Callable[[], Any], deadline_s: float | None = None
+    ) -> Any:
+        """Await `call` on `phase`, giving up (`cancel`, then `_PhaseDown`) as soon as the
+        probes mark the phase down: a call to a dead replica waits for a new one instead of
+        failing, so the request must not be the one that finds out."""
+        task = asyncio.ensure_future(call)
+        period = self.cfg.router.failover.probe_period_s
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=period)
+                if done:
+                    return task.result()
+                if not self.health[phase].is_up:
+                    raise _PhaseDown(f"{phase} is down: {self.health[phase].reason}")
+                if deadline_s is not None and time.monotonic() - started > deadline_s:
+                    raise asyncio.TimeoutError
+        finally:
+            if not task.done():
+                task.cancel()
+                cancel()
+
+    async def _relay(
+        self,
+        first: str | None,
+        stream: Any,
+        phase: str,
+        request: Any,
+        request_id: str,
+        tracker: migration.TokenTracker | None,
+        edit: Any = None,
+    ) -> AsyncIterator[str]:
+        """Yield the engine's SSE text (through `edit`, then `tracker`); a stream that breaks
+        midway continues on the other engine where it can, else ends with an error event."""
+
+        health = self.health[phase]
+
+        def shown(text: str) -> str:
+            health.alive()
+            text = edit(text) if edit is not None else text
+            return tracker(text) if tracker is not None else text
+
+        try:
+            if first is not None:
+                yield shown(first)
+            async for item in stream:
+                if not isinstance(item, str):
+                    # An error response instead of a stream: the client already has tokens,
+                    # so it ends the stream as vLLM ends one that fails midway.
+                    yield _final_error_event(_Outcome.from_vllm(item).body)
+                    return
+                yield shown(item)
+        except Exception as exc:  # noqa: BLE001 - the engine's replica failed or died
+            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
+            async for text in self._migrate(phase, request, request_id, tracker, exc):
+                yield text
+        finally:
+            stream.cancel()
+
+    async def _migrate(
+        self,
+        phase: str,
+        request: Any,
+        request_id: str,
+        tracker: migration.TokenTracker | None,
+        exc: Exception,
+    ) -> AsyncIterator[str]:
+        """The rest of a broken stream from the other engine (`migration.py`)."""
+        other, new_id = _other(phase), uuid.uuid4().hex
+        rest = None
+        if tracker is not None and self.health[other].is_up:
+            rest = migration.continuation(request, new_id, tracker)
+        if rest is None:
+            body = error_body(503, f"{phase} failed: {exc}", "ServiceUnavailableError")
+            yield _final_error_event(body)
+            return
+        logger.warning("%s failed midway (%s): %s continues %s after %d tokens",
+                       phase, exc, other, request_id, len(tracker.generated))
+        first, stream = await self._first_item(other, "completions", rest, None)
+        if not isinstance(first, str):
+            if not isinstance(first, BaseException):
+                stream.cancel()
+            body = error_body(503, f"{phase} and {other} failed", "ServiceUnavailableError")
+            yield _final_error_event(body)
+            return
+        moved = migration.MigratedEvents(
+            f"cmpl-{request_id}", f"cmpl-{new_id}", len(rest.prompt) - tracker.num_client_prompt
+        )
+        shown_ids = tracker.is_shown
+        tracker = migration.TokenTracker(rest, num_client_prompt=tracker.num_client_prompt)
+        tracker.is_shown = shown_ids
+        async for text in self._relay(first, stream, other, rest, request_id, None, moved):
+            yield tracker(text)
 
     def _continue(self, request: Any, request_id: str, result: PrefillResult) -> _Outcome:
         """Stream prefill's token now; decode streams the rest after it."""
         decode_request = first_token.continuation_request(request, request_id, result)
-        stream = self.decode.options(stream=True).generate.remote("completions", decode_request)
-        return _Outcome(stream=self._continuation(request, request_id, result, stream))
+        tracker = self._tracker("completions", decode_request, "decode", num_given=1)
+        if tracker is not None:
+            tracker.is_shown = bool(request.return_token_ids)
+            decode_request = migration.tracked_request(decode_request)
+        signature = self.health["prefill"].kv_signature
+        stream = self.decode.options(stream=True).generate.remote(
+            "completions", decode_request, signature, trace=current_request().carrier()
+        )
+        current_request().generate_started("decode")
+        relay = self._relay(
+            None, stream, "decode", decode_request, request_id, tracker,
+            edit=first_token.ContinuationEvents(),
+        )
+        outcome = _Outcome(stream=self._continuation(request, request_id, result, relay))
+        outcome.cleanups.append(stream.cancel)
+        return outcome
 
     async def _continuation(
-        self, request: Any, request_id: str, result: PrefillResult, stream: Any
+        self, request: Any, request_id: str, result: PrefillResult, relay: AsyncIterator[str]
     ) -> AsyncIterator[str]:
-        rewrite = first_token.ContinuationEvents()
         started = False
         try:
             yield first_token.first_chunk(request, request_id, result)
-            async for item in stream:
+            async for text in relay:
+                if not started:
+                    current_request().first_item("decode")  # the end of the handoff
                 started = True
-                if isinstance(item, str):
-                    yield rewrite(item)
-                    continue
-                # An error response instead of a stream: the client already has a token,
-                # so it ends the stream as vLLM ends one that fails midway.
-                yield _final_error_event(_Outcome.from_vllm(item).body)
-        except Exception as exc:  # noqa: BLE001 - the decode replica failed
-            yield _final_error_event(
-                error_body(503, f"decode failed: {exc}", "ServiceUnavailableError")
-            )
+                yield text
         finally:
-            stream.cancel()
+            await relay.aclose()
             if not started:
                 # Decode may never have seen the request (client gone, decode failed):
                 # free prefill's blocks now. Not awaited: this may run in a cancelled task.
@@ -308,3 +670,39 @@ class Router:
             await self.decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
         except Exception:  # noqa: BLE001 - best effort; the lease frees them later anyway
             logger.warning("could not release prefill blocks of %s", request_id, exc_info=True)
+
+    # ---- Between requests -----------------------------------------------------------------
+
+    def _is_decode_full(self) -> bool:
+        usage_limit = self.cfg.router.admission.decode_kv_usage_limit
+        return self.health["decode"].kv_cache_usage >= usage_limit
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor_task is None or self._monitor_task.done():
+            self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    async def _monitor(self) -> None:
+        """Probe every engine each period, all at once; wake admission waiters after."""
+        failover = self.cfg.router.failover
+        phases = [p for p in ("prefill", "decode") if self._server(p) is not None]
+        while True:
+            await asyncio.gather(*(self._probe(phase, failover.probe_timeout_s) for phase in phases))
+            await self.admission.notify()
+            await asyncio.sleep(failover.probe_period_s)
+
+    async def _probe(self, phase: str, timeout_s: float, fresh: bool = False) -> None:
+        """One probe; `fresh`: a timeout means down, whatever answered before."""
+        try:
+            report = await asyncio.wait_for(self._server(phase).probe.remote(), timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError:
+            if fresh:
+                self.health[phase].failed(f"no answer within {timeout_s:g} s")
+            else:
+                self.health[phase].probe_timed_out(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - dead, restarting or failing replica
+            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
+        else:
+            self.health[phase].probed(report)
+

@@ -9,6 +9,7 @@ because the wait is in the decode constructor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,8 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import AppConfig
+from serve_app.ops.telemetry import ServerTelemetry
+from serve_app.ops.tracing import end as end_span
 from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
 from serve_app.streams import coalesce_ready
 
@@ -37,6 +40,7 @@ class _EngineServer:
 
         self.cfg = cfg
         self.engine_start_began = time.time()
+        self.telemetry = ServerTelemetry(cfg, self.role)
         if cfg.device == "cuda":
             phase = cfg.phase(self.role)
             preflight(phase.sm_percentage, cfg.mps.pipe_dir, cfg.mps.allow_unpartitioned)
@@ -59,6 +63,75 @@ class _EngineServer:
     async def list_models(self) -> dict[str, Any]:
         return await self.engine.list_models()
 
+    async def probe(self) -> dict[str, Any]:
+        """The router's health probe: the engine is alive, and how loaded it is."""
+        await self.engine.check_health()
+        stats = self.engine.stats
+        return {
+            "kv_cache_usage": stats.kv_cache_usage,
+            "num_waiting_reqs": stats.num_waiting_reqs,
+            "num_running_reqs": stats.num_running_reqs,
+            "kv_signature": self.engine.kv_signature,
+        }
+
+    async def generate(
+        self,
+        endpoint: Endpoint,
+        request: Any,
+        kv_signature: str | None = None,
+        trace: dict[str, str] | None = None,
+    ) -> AsyncIterator[Any]:
+        """`_generate` in the `decode` span (a child of the Router's, named by `trace`), with
+        a `kv_handoff` child until the first item when the request reads prefill's blocks."""
+        from serve_app.engine import final_usage, request_context
+
+        decode = self.telemetry.start_decode(trace, request, self.engine.kv_bytes_per_block)
+        context = request_context(decode.engine_headers)
+        items = self._generate(endpoint, request, kv_signature, context)
+        try:
+            async for item in items:
+                decode.item(item)
+                yield item
+        except BaseException as exc:
+            decode.failed(exc)
+            raise
+        finally:
+            await items.aclose()
+            decode.end(final_usage(context))
+
+    async def _generate(
+        self, endpoint: Endpoint, request: Any, kv_signature: str | None, context: Any
+    ) -> AsyncIterator[Any]:
+        """Stream one request: SSE text (one or more events per item), or one response /
+        `ErrorResponse` object. Either engine can run a whole request (no `kv_transfer_params`);
+        decode also continues a handed-off one.
+
+        `kv_signature` is the prefill engine's (`Engine.kv_signature`): a handoff between
+        engines whose KV layouts differ (a rollout in progress) must not read the blocks, so
+        the request is run whole here and prefill's blocks are released.
+
+        Closing this generator (client gone, router cancelled) closes vLLM's, which aborts the
+        request in the engine and frees its blocks.
+        """
+        params = getattr(request, "kv_transfer_params", None)
+        if params and kv_signature is not None and kv_signature != self.engine.kv_signature:
+            logger.warning("KV layouts differ (%s vs %s): running %s whole", kv_signature,
+                           self.engine.kv_signature, request.request_id)
+            with contextlib.suppress(Exception):  # best effort: the lease frees them too
+                await self.engine.release_remote_kv(f"release-{request.request_id}", params)
+            request = request.model_copy(update={"kv_transfer_params": None})
+        result = await self.engine.create(endpoint, request, context)
+        if not hasattr(result, "__aiter__"):
+            yield result
+            return
+        # Events that pile up while the hops to the client are busy travel as one item.
+        events = coalesce_ready(result)
+        try:
+            async for text in events:
+                yield text
+        finally:
+            await events.aclose()
+
     async def stats(self) -> dict[str, Any]:
         return {
             **asdict(self.engine.stats),
@@ -66,6 +139,11 @@ class _EngineServer:
             "engine_ready_at": self.engine_ready_at,
             "pid": os.getpid(),
         }
+
+    async def metrics(self) -> list[Any]:
+        """This replica's Prometheus families (vLLM's `vllm:*` and its own), for the Router's
+        `GET /metrics`, which adds the phase label."""
+        return self.telemetry.families()
 
     async def leak_report(self) -> dict[str, Any]:
         """What the engine still holds: unfinished requests and whether every KV block is free."""
@@ -78,6 +156,9 @@ class _EngineServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        telemetry = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.shutdown()  # exports the spans still waiting
 
 
 @serve.deployment(name="PrefillServer", health_check_period_s=10, health_check_timeout_s=60)
@@ -87,13 +168,30 @@ class PrefillServer(_EngineServer):
     async def __init__(self, cfg: dict[str, Any]) -> None:
         await self._start_engine(AppConfig.model_validate(cfg))
 
-    async def prefill(self, endpoint: Endpoint, request: Any) -> PrefillResult | Any:
+    async def prefill(
+        self, endpoint: Endpoint, request: Any, trace: dict[str, str] | None = None
+    ) -> PrefillResult | Any:
         """Run the prompt (`max_tokens=1`) and keep its blocks for decode.
 
         Returns a `PrefillResult`, or vLLM's `ErrorResponse` when the request is invalid here
-        (prompt too long, bad sampling parameters): then no block was kept.
+        (prompt too long, bad sampling parameters): then no block was kept. `trace`: the
+        Router's trace context (W3C headers); the `prefill` span is its child.
         """
-        response = await self.engine.create(endpoint, request)
+        from serve_app.engine import request_context
+
+        span = self.telemetry.span("prefill", trace, {"pd.request_id": request.request_id})
+        try:
+            answer = await self._prefill(
+                endpoint, request, request_context(self.telemetry.engine_headers(span))
+            )
+        except BaseException as exc:
+            end_span(span, 500, type(exc).__name__)
+            raise
+        self.telemetry.end_prefill(span, answer)
+        return answer
+
+    async def _prefill(self, endpoint: Endpoint, request: Any, context: Any) -> Any:
+        response = await self.engine.create(endpoint, request, context)
         params = getattr(response, "kv_transfer_params", None)
         if params is None:
             return response  # ErrorResponse
@@ -122,25 +220,6 @@ class DecodeServer(_EngineServer):
             logger.info("decode waits for the prefill engine to start first")
             await asyncio.wait_for(prefill.wait_started.remote(), timeout=START_WAIT_S)
         await self._start_engine(app_cfg)
-
-    async def generate(self, endpoint: Endpoint, request: Any) -> AsyncIterator[Any]:
-        """Stream one request: SSE text (one or more events per item), or one response /
-        `ErrorResponse` object.
-
-        Closing this generator (client gone, router cancelled) closes vLLM's, which aborts the
-        request in the engine and frees its blocks.
-        """
-        result = await self.engine.create(endpoint, request)
-        if not hasattr(result, "__aiter__"):
-            yield result
-            return
-        # Events that pile up while the hops to the client are busy travel as one item.
-        events = coalesce_ready(result)
-        try:
-            async for text in events:
-                yield text
-        finally:
-            await events.aclose()
 
     async def release_remote_kv(self, request_id: str, params: KVTransferParams) -> None:
         """Free prefill's blocks for a request that will never decode (client left between)."""

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "models" / "tiny-llama"
 MODEL_NAME = "tiny-llama"
+TEST_PORT_BASE = int(os.environ.get("PD_TEST_PORT_BASE", "5620"))
 
 # Before Ray starts: keep GCS, raylet and workers on loopback; no auth, no usage reporting.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -39,9 +40,13 @@ def app_args(**overrides: Any) -> dict[str, Any]:
     config = yaml.safe_load((ROOT / "configs" / "local-cpu.yaml").read_text())
     args = config["applications"][0]["args"]
     args["model"]["source"] = str(TINY_MODEL)
-    # Ports of their own, so a `serve run` of the shipped config can run beside the tests.
-    args["prefill"]["nixl_side_channel_port"] = 5620
-    args["decode"]["nixl_side_channel_port"] = 5630
+    # Ports of their own, so a `serve run` of the shipped config can run beside the tests
+    # (PD_TEST_PORT_BASE moves them, so two test runs can share one machine).
+    args["prefill"]["nixl_side_channel_port"] = TEST_PORT_BASE
+    args["decode"]["nixl_side_channel_port"] = TEST_PORT_BASE + 10
+    # The handoff's tests send short prompts: every one goes through prefill here. The route
+    # decision has its own app and tests (test_traffic.py).
+    args["router"]["routing"] = {"conditional": False}
     for key, value in overrides.items():
         args[key] = {**args.get(key, {}), **value} if isinstance(value, dict) else value
     return args

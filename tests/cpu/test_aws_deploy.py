@@ -255,7 +255,7 @@ def test_target_group_checks_the_serve_proxies_health(preset: Path) -> None:
     group = target_group()
     assert (group["Port"], group["Protocol"], group["TargetType"]) == (http["port"], "HTTP",
                                                                        "instance")
-    assert group["HealthCheckPath"] == "/health"  # the Router's: 200 while both engines answer
+    assert group["HealthCheckPath"] == "/health"  # the Router's: 200 while an engine can serve
     assert group["Matcher"] == {"HttpCode": "200"}
     # The app answers its own health check (503 after router.health_timeout_s) before the ALB
     # gives up on it.

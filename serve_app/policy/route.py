@@ -1,0 +1,131 @@
+"""Conditional disaggregation: where one request runs.
+
+Disaggregation pays a fixed price per request: the hop to prefill, the prefill call, the NIXL read
+and decode's scheduling of the loaded blocks. A short prompt's own compute costs less than that,
+and computing it inside decode's batch stalls the running streams for less than one hop, so short
+prompts run decode-local; long ones go to prefill, which keeps decode's inter-token latency flat.
+(llm-d decides on the uncached tokens, Dynamo on input length and prefill load, vLLM's router on
+`pd_uncached_token_threshold`: the same idea.)
+
+The rules, in order (`RoutePolicy.decide`):
+
+1. Engines: decode down -> prefill runs the whole request (`prefill_only`); prefill down, or the
+   two phases' KV layouts disagree -> `decode_only`. Both down is refused earlier (admission).
+2. Shape: requests one prefill cannot hand to one decode (n > 1, beam search) -> `decode_only`.
+3. Length: fewer prompt tokens than `short_prompt_tokens` -> `decode_only`.
+4. Load: prefill's queue far deeper than decode's (`prefill_backlog_ratio` times, and at least
+   `prefill_backlog_min` requests) and the prompt no longer than `backlog_local_max_tokens` ->
+   `decode_only`: decode computes it now instead of after the backlog.
+5. Otherwise `disaggregated`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from serve_app.config import AppConfig, RoutingConfig
+
+# Measured on the 2-core CPU machine with the tiny model (README "Benchmarks"): below this a
+# prompt's compute inside decode costs less than the prefill hop and the NIXL read.
+CPU_SHORT_PROMPT_TOKENS = 256
+# Share of the peak a prefill reaches (large GEMMs): converts peak FLOP/s into tokens/s.
+PREFILL_MFU = 0.5
+
+
+class Route(str, enum.Enum):
+    DISAGGREGATED = "disaggregated"
+    DECODE_ONLY = "decode_only"
+    PREFILL_ONLY = "prefill_only"
+    UNIFIED = "unified"
+
+
+class Reason(str, enum.Enum):
+    LONG_PROMPT = "long_prompt"
+    SHORT_PROMPT = "short_prompt"
+    PREFILL_BACKLOG = "prefill_backlog"
+    PREFILL_DOWN = "prefill_down"
+    DECODE_DOWN = "decode_down"
+    INCOMPATIBLE = "incompatible"
+    NOT_SPLITTABLE = "not_splittable"
+    FALLBACK = "fallback"
+    ALWAYS = "always"
+    UNIFIED = "unified"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    route: Route
+    reason: Reason
+
+    @property
+    def header(self) -> str:
+        """The `x-pd-route` response header: `route; reason`."""
+        return f"{self.route.value}; reason={self.reason.value}"
+
+
+@dataclass(frozen=True)
+class PhaseView:
+    """What the router knows of both phases when a request arrives."""
+
+    is_prefill_up: bool = True
+    is_decode_up: bool = True
+    is_compatible: bool = True
+    num_prefill_queued: int = 0
+    """Prefill calls sent and not answered yet."""
+    num_decode_queued: int = 0
+    """Decode calls sent that have not produced their first item yet."""
+
+
+UNIFIED = RouteDecision(Route.UNIFIED, Reason.UNIFIED)
+
+
+class RoutePolicy:
+    def __init__(self, cfg: RoutingConfig, short_prompt_tokens: int) -> None:
+        self.cfg = cfg
+        self.short_prompt_tokens = short_prompt_tokens
+        self.backlog_local_max_tokens = (
+            cfg.backlog_local_max_tokens
+            if cfg.backlog_local_max_tokens is not None
+            else 4 * short_prompt_tokens
+        )
+
+    def decide(self, num_prompt_tokens: int, is_splittable: bool, view: PhaseView) -> RouteDecision:
+        if not view.is_decode_up:
+            return RouteDecision(Route.PREFILL_ONLY, Reason.DECODE_DOWN)
+        if not view.is_prefill_up:
+            return RouteDecision(Route.DECODE_ONLY, Reason.PREFILL_DOWN)
+        if not view.is_compatible:
+            return RouteDecision(Route.DECODE_ONLY, Reason.INCOMPATIBLE)
+        if not is_splittable:
+            return RouteDecision(Route.DECODE_ONLY, Reason.NOT_SPLITTABLE)
+        if not self.cfg.conditional:
+            return RouteDecision(Route.DISAGGREGATED, Reason.ALWAYS)
+        if num_prompt_tokens < self.short_prompt_tokens:
+            return RouteDecision(Route.DECODE_ONLY, Reason.SHORT_PROMPT)
+        if num_prompt_tokens <= self.backlog_local_max_tokens and self._is_backlogged(view):
+            return RouteDecision(Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
+        return RouteDecision(Route.DISAGGREGATED, Reason.LONG_PROMPT)
+
+    def _is_backlogged(self, view: PhaseView) -> bool:
+        queued = view.num_prefill_queued
+        return queued >= self.cfg.prefill_backlog_min and queued >= self.cfg.prefill_backlog_ratio * (
+            view.num_decode_queued + 1
+        )
+
+
+def short_prompt_tokens(cfg: AppConfig, num_params: int | None) -> int:
+    """The configured threshold, or the derived default (see `RoutingConfig`)."""
+    routing = cfg.router.routing
+    if routing.short_prompt_tokens is not None:
+        return routing.short_prompt_tokens
+    if cfg.device == "cpu" or not num_params:
+        return CPU_SHORT_PROMPT_TOKENS
+    share = (cfg.decode.sm_percentage or 100) / 100
+    tokens_per_s = routing.decode_peak_tflops * 1e12 * share * PREFILL_MFU / (2 * num_params)
+    return int(tokens_per_s * routing.local_prefill_budget_ms / 1000)
+
+
+def fallback() -> RouteDecision:
+    """Prefill failed for a request that was to be disaggregated: decode runs all of it."""
+    return RouteDecision(Route.DECODE_ONLY, Reason.FALLBACK)

@@ -1,0 +1,196 @@
+"""The router's pure decisions: route, admission, health (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serve_app.config import AdmissionConfig, AppConfig, RoutingConfig
+from serve_app.policy.admission import Admission
+from serve_app.policy.errors import Rejection
+from serve_app.policy.health import PhaseHealth, is_compatible
+from serve_app.policy.route import (
+    CPU_SHORT_PROMPT_TOKENS,
+    PhaseView,
+    Reason,
+    Route,
+    RoutePolicy,
+    short_prompt_tokens,
+)
+
+IDLE = PhaseView()
+
+
+def policy(**routing) -> RoutePolicy:
+    return RoutePolicy(RoutingConfig(**routing), short_prompt_tokens=256)
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "route", "reason"),
+    [
+        (0, Route.DECODE_ONLY, Reason.SHORT_PROMPT),
+        (255, Route.DECODE_ONLY, Reason.SHORT_PROMPT),
+        (256, Route.DISAGGREGATED, Reason.LONG_PROMPT),
+        (5000, Route.DISAGGREGATED, Reason.LONG_PROMPT),
+    ],
+)
+def test_length_rule(num_tokens: int, route: Route, reason: Reason) -> None:
+    decision = policy().decide(num_tokens, True, IDLE)
+    assert (decision.route, decision.reason) == (route, reason)
+    assert decision.header == f"{route.value}; reason={reason.value}"
+
+
+def test_engines_first_then_shape_then_length() -> None:
+    rules = policy()
+    down = rules.decide(5000, True, PhaseView(is_decode_up=False))
+    assert (down.route, down.reason) == (Route.PREFILL_ONLY, Reason.DECODE_DOWN)
+    down = rules.decide(5000, True, PhaseView(is_prefill_up=False))
+    assert (down.route, down.reason) == (Route.DECODE_ONLY, Reason.PREFILL_DOWN)
+    mixed = rules.decide(5000, True, PhaseView(is_compatible=False))
+    assert (mixed.route, mixed.reason) == (Route.DECODE_ONLY, Reason.INCOMPATIBLE)
+    beam = rules.decide(5000, False, IDLE)
+    assert (beam.route, beam.reason) == (Route.DECODE_ONLY, Reason.NOT_SPLITTABLE)
+
+
+def test_unconditional_sends_every_splittable_prompt_to_prefill() -> None:
+    rules = policy(conditional=False)
+    assert rules.decide(1, True, IDLE).route is Route.DISAGGREGATED
+    assert rules.decide(1, False, IDLE).route is Route.DECODE_ONLY
+
+
+def test_load_rule_flips_a_mid_prompt_under_a_prefill_backlog() -> None:
+    rules = policy(prefill_backlog_ratio=4, prefill_backlog_min=4)
+    backlog = PhaseView(num_prefill_queued=8, num_decode_queued=1)
+    assert rules.decide(600, True, backlog).reason is Reason.PREFILL_BACKLOG
+    # Not deep enough, or decode as busy: prefill still.
+    assert rules.decide(600, True, PhaseView(num_prefill_queued=3)).route is Route.DISAGGREGATED
+    busy_decode = PhaseView(num_prefill_queued=8, num_decode_queued=4)
+    assert rules.decide(600, True, busy_decode).route is Route.DISAGGREGATED
+    # Longer than 4 x the threshold: a backlog does not make a document local.
+    assert rules.decide(1025, True, backlog).route is Route.DISAGGREGATED
+
+
+def test_threshold_defaults() -> None:
+    cpu = AppConfig()
+    assert short_prompt_tokens(cpu, num_params=8_000_000_000) == CPU_SHORT_PROMPT_TOKENS
+    fixed = AppConfig.model_validate({"router": {"routing": {"short_prompt_tokens": 64}}})
+    assert short_prompt_tokens(fixed, None) == 64
+    gpu = AppConfig.model_validate(
+        {"device": "cuda", "decode": {"sm_percentage": 20}, "prefill": {"sm_percentage": 80}}
+    )
+    # 989 TFLOP/s x 20% x 0.5 MFU / (2 x 8e9 FLOP/token) = 6,181 tokens/s; 20 ms of it.
+    assert short_prompt_tokens(gpu, 8_000_000_000) == 123
+
+
+def test_routing_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="prefill_backlog_ratio"):
+        AppConfig.model_validate({"router": {"routing": {"prefill_backlog_ratio": 0.5}}})
+
+
+async def test_admission_admits_waits_and_sheds() -> None:
+    full = False
+    gate = Admission(
+        AdmissionConfig(max_in_flight=2, max_waiting=1, max_wait_s=5, retry_after_s=3),
+        lambda: full,
+    )
+    first, second = await gate.admit(), await gate.admit()
+    waiter = asyncio.ensure_future(gate.admit())
+    await asyncio.sleep(0.01)
+    assert gate.num_waiting == 1
+    with pytest.raises(Rejection) as shed:  # no slot and the waiting room is full: at once
+        await gate.admit()
+    assert shed.value.status == 429 and shed.value.headers == {"Retry-After": "3"}
+    assert shed.value.body["error"]["type"] == "RateLimitError"
+    first.release()
+    first.release()  # idempotent
+    third = await asyncio.wait_for(waiter, 1)
+    assert gate.num_in_flight == 2 and gate.num_waiting == 0
+    second.release()
+    third.release()
+    assert gate.num_in_flight == 0 and gate.num_shed == 1
+
+
+async def test_admission_sheds_after_the_wait_and_holds_while_decode_is_full() -> None:
+    state = {"full": True}
+    gate = Admission(AdmissionConfig(max_wait_s=0.2), lambda: state["full"])
+    started = time.monotonic()
+    with pytest.raises(Rejection, match="no capacity within 0.2 s"):
+        await gate.admit()
+    assert time.monotonic() - started < 1
+    waiter = asyncio.ensure_future(gate.admit())
+    await asyncio.sleep(0.05)
+    state["full"] = False
+    await gate.notify()  # what the router's probe does after each round
+    (await asyncio.wait_for(waiter, 1)).release()
+
+
+def test_health_goes_down_and_comes_back() -> None:
+    health = PhaseHealth("decode")
+    assert health.is_up
+    health.failed("ActorDiedError")
+    assert not health.is_up and health.reason == "ActorDiedError"
+    health.probed({"kv_cache_usage": 0.5, "num_waiting_reqs": 2, "kv_signature": "a"})
+    assert health.is_up and health.kv_cache_usage == 0.5 and health.num_waiting_reqs == 2
+    prefill = PhaseHealth("prefill")
+    assert is_compatible(prefill, health)  # unknown yet
+    prefill.probed({"kv_signature": "b"})
+    assert not is_compatible(prefill, health)
+
+
+def test_token_tracker_reads_and_hides_the_ids() -> None:
+    from types import SimpleNamespace
+
+    from serve_app.migration import MigratedEvents, TokenTracker
+
+    request = SimpleNamespace(prompt=[5, 6, 7], return_token_ids=False, max_tokens=10,
+                              min_tokens=0, model_fields={})
+    tracker = TokenTracker(request, num_client_prompt=3)
+    first = ('data: {"id":"cmpl-a","choices":[{"index":0,"text":"x","prompt_token_ids":[5,6,7],'
+             '"token_ids":[11,12]}]}\n\n')
+    later = 'data: {"id":"cmpl-a","choices":[{"index":0,"text":"y","token_ids":[13]}]}\n\n'
+    shown = tracker(first) + tracker(later)
+    assert "token_ids" not in shown and '"text":"x"' in shown and '"text":"y"' in shown
+    assert tracker.generated == [11, 12, 13]
+    moved = MigratedEvents("cmpl-a", "cmpl-b", num_moved=3)
+    usage = ('data: {"id":"cmpl-b","choices":[],"usage":{"prompt_tokens":6,"completion_tokens":7,'
+             '"total_tokens":13}}\n\ndata: [DONE]\n\n')
+    out = moved(usage)
+    assert '"id":"cmpl-a"' in out and out.endswith("data: [DONE]\n\n")
+    assert '"prompt_tokens":3' in out and '"completion_tokens":10' in out
+
+
+def test_continuation_makes_what_is_left() -> None:
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from serve_app.migration import TokenTracker, continuation
+
+    request = CompletionRequest(model="m", prompt=[5, 6, 7], max_tokens=5, stream=True)
+    tracker = TokenTracker(request, num_client_prompt=3)
+    tracker.generated = [11, 12]
+    rest = continuation(request, "new", tracker)
+    assert rest.prompt == [5, 6, 7, 11, 12] and rest.max_tokens == 3
+    assert rest.kv_transfer_params is None and rest.request_id == "new"
+    tracker.generated = [1, 2, 3, 4, 5]
+    assert continuation(request, "new", tracker) is None
+
+
+async def test_a_stream_never_iterated_still_gives_its_slot_back() -> None:
+    import gc
+
+    from serve_app.router import _Guarded
+
+    async def events():
+        yield "data: 1\n\n"
+
+    done: list[str] = []
+    guarded = _Guarded(events(), [lambda: done.append("slot"), lambda: done.append("engine")])
+    del guarded
+    gc.collect()
+    assert done == ["slot", "engine"]
+    iterated = _Guarded(events(), [lambda: done.append("again")])
+    assert [text async for text in iterated] == ["data: 1\n\n"]
+    del iterated
+    gc.collect()
+    assert done == ["slot", "engine", "again"]  # once, not twice
