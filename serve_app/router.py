@@ -2,6 +2,8 @@
 
 The steps of one request (`Router._run`), each decision a named call into `policy/`:
 
+0. The HTTP layer first checks the API key, the body size, the JSON and the prompt limits
+   (`policy/auth.py`, `policy/limits.py`); each refusal is OpenAI JSON.
 1. Admit: a slot of `router.admission`, or a 429 with `Retry-After` at once
    (`policy/admission.py`), before any other work; both engines down is a 503 at once.
 2. Validate: parse the JSON body into vLLM's own request model; bad input answers an OpenAI error
