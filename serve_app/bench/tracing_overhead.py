@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from serve_app.bench.side_by_side import stop
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8000
@@ -96,18 +97,8 @@ def start_app(config: Path, log: Path, timeout_s: float = 900.0) -> subprocess.P
         except httpx.HTTPError:
             pass
         time.sleep(3)
-    stop_app(proc)
+    stop(proc)
     raise TimeoutError(f"the app did not answer in {timeout_s:.0f} s; see {log}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def one_request(client: httpx.Client, body: dict, is_traced: bool) -> dict[str, Any]:
@@ -177,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.per_block, args.prompt_words, args.output_tokens)
     finally:
         if proc is not None:
-            stop_app(proc)
+            stop(proc)
         if sink is not None:
             sink.close()
     with (args.out / "requests.jsonl").open("w") as out:
