@@ -81,10 +81,9 @@ def traced_config(config: Path, endpoint: str, out: Path) -> Path:
 
 
 def start_app(config: Path, log: Path, timeout_s: float = 900.0) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "VLLM_HOST_IP": "127.0.0.1"}
-    proc = subprocess.Popen(["serve", "run", str(config)], cwd=ROOT, env=env,
+    # `make run`'s launcher: loopback-only Ray with one logical GPU for the 0.8 / 0.2 split.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(ROOT / "scripts" / "serve-local"), str(config)], cwd=ROOT, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + timeout_s
