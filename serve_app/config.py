@@ -189,9 +189,9 @@ class RoutingConfig(_Strict):
     conditional: bool = True
     """False sends every request through prefill (the plain disaggregated app)."""
     short_prompt_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
-    """Prompts with fewer tokens run decode-local. None derives it: on the CPU build the value
-    measured on a 2-core machine (README "Benchmarks"); on a GPU the prompt decode can prefill
-    within `local_prefill_budget_ms` at its SM share (0 disaggregates every prompt)."""
+    """Prompts with fewer tokens run decode-local. None derives it: on the CPU build 256 (chosen,
+    not yet swept); on a GPU the prompt decode can prefill within `local_prefill_budget_ms` at
+    its SM share (0 disaggregates every prompt)."""
     local_prefill_budget_ms: float = Field(default=20.0, gt=0.0, le=10_000.0)
     """GPU only: how long one local prefill may stall decode's running streams."""
     decode_peak_tflops: float = Field(default=989.0, gt=0.0)

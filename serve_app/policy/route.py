@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 from serve_app.config import AppConfig, RoutingConfig
 
-# Measured on the 2-core CPU machine with the tiny model (README "Benchmarks"): below this a
-# prompt's compute inside decode costs less than the prefill hop and the NIXL read.
+# The CPU build's default, chosen, not swept: on the 2-core machine with the tiny model the
+# prefill hop and the NIXL read cost ~25-30 ms, about what decode spends computing a prompt of a
+# few hundred tokens; a sweep of the threshold on the mixed workload is still to be done.
 CPU_SHORT_PROMPT_TOKENS = 256
 # Share of the peak a prefill reaches (large GEMMs): converts peak FLOP/s into tokens/s.
 PREFILL_MFU = 0.5
