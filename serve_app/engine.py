@@ -7,6 +7,7 @@ usage accounting are vLLM's, exactly as in `vllm serve`, with `kv_transfer_param
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -168,7 +169,7 @@ class Engine:
             self._engine.shutdown()
             self._engine = None
 
-    @property
+    @functools.cached_property
     def kv_signature(self) -> str:
         """What two engines must share for one to read the other's KV blocks: model weights,
         dtype, KV layout and block size, and the vLLM that lays them out."""

@@ -160,15 +160,12 @@ class ContinuationEvents:
         if data.strip() == "[DONE]" or ("usage" not in data and "prompt_token_ids" not in data):
             return event + "\n\n"
         chunk = json.loads(data)
-        usage = chunk.get("usage")
-        if usage:
-            usage["prompt_tokens"] -= 1
-            usage["completion_tokens"] += 1
+        _shift_usage(chunk, 1)
         for choice in chunk.get("choices") or ():
             if choice.get("prompt_token_ids") is not None:
                 choice["prompt_token_ids"] = None
                 self._seen_prompt_ids = True
-        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        return _sse(chunk)
 
 
 def move_usage(text: str, num_tokens: int) -> str:
@@ -182,9 +179,17 @@ def _moved(event: str, num_tokens: int) -> str:
     if '"usage"' not in data or data.strip() == "[DONE]":
         return event + "\n\n"
     chunk = json.loads(data)
+    _shift_usage(chunk, num_tokens)
+    return _sse(chunk)
+
+
+def _shift_usage(chunk: dict[str, Any], num_tokens: int) -> None:
     usage = chunk.get("usage")
     if usage:
         usage["prompt_tokens"] -= num_tokens
         usage["completion_tokens"] += num_tokens
+
+
+def _sse(chunk: dict[str, Any]) -> str:
     return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 

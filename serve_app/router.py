@@ -55,6 +55,7 @@ from serve_app.policy import limits
 from serve_app.policy.admission import Admission, Slot
 from serve_app.policy.auth import ApiKeys
 from serve_app.policy.errors import Rejection
+from serve_app.policy.errors import openai_error as error_body
 from serve_app.policy.health import PhaseHealth, is_compatible
 from serve_app.policy.http_errors import install_openai_errors
 from serve_app.policy.route import (
@@ -79,10 +80,6 @@ from serve_app.protocol import (
 logger = logging.getLogger("ray.serve")
 fastapi_app = FastAPI(title="pd-serve")
 install_openai_errors(fastapi_app)  # every error OpenAI JSON: before Serve freezes the app
-
-
-def error_body(status: int, message: str, err_type: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
 
 
 class _Outcome:
