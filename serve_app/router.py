@@ -56,7 +56,7 @@ from serve_app.policy.admission import Admission, Slot
 from serve_app.policy.auth import ApiKeys
 from serve_app.policy.errors import Rejection
 from serve_app.policy.errors import openai_error as error_body
-from serve_app.policy.health import PhaseHealth, is_compatible
+from serve_app.policy.health import LoopStalls, PhaseHealth, is_compatible
 from serve_app.policy.http_errors import install_openai_errors
 from serve_app.policy.route import (
     UNIFIED,
@@ -208,10 +208,14 @@ class Router:
         self.route_policy = RoutePolicy(
             self.cfg.router.routing, short_prompt_tokens(self.cfg, _num_params(self.cfg))
         )
-        self.health = {"prefill": PhaseHealth("prefill"), "decode": PhaseHealth("decode")}
+        self.stalls = LoopStalls()
+        self.health = {
+            "prefill": PhaseHealth("prefill", self.stalls),
+            "decode": PhaseHealth("decode", self.stalls),
+        }
         self.num_queued = {"prefill": 0, "decode": 0}
         self.admission = Admission(self.cfg.router.admission, self._is_decode_full)
-        self._monitor_task: asyncio.Task | None = None
+        self._monitor_tasks: list[asyncio.Task] = []
         self.telemetry = RouterTelemetry(self.cfg)
 
     # ---- HTTP -----------------------------------------------------------------------------
@@ -677,8 +681,14 @@ class Router:
         return self.health["decode"].kv_cache_usage >= usage_limit
 
     def _ensure_monitor(self) -> None:
-        if self._monitor_task is None or self._monitor_task.done():
-            self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+        """The probes and the loop's stall ticker, started by the first call on this loop."""
+        if not self._monitor_tasks or any(task.done() for task in self._monitor_tasks):
+            for task in self._monitor_tasks:
+                task.cancel()
+            loop = asyncio.get_running_loop()
+            self._monitor_tasks = [
+                loop.create_task(self.stalls.watch()), loop.create_task(self._monitor())
+            ]
 
     async def _monitor(self) -> None:
         """Probe every engine each period, all at once; wake admission waiters after."""
@@ -690,16 +700,14 @@ class Router:
             await asyncio.sleep(failover.probe_period_s)
 
     async def _probe(self, phase: str, timeout_s: float, fresh: bool = False) -> None:
-        """One probe; `fresh`: a timeout means down, whatever answered before."""
+        """One probe; `fresh`: a timeout means down, whatever answered before the probe."""
+        started = self.stalls.mark()
         try:
             report = await asyncio.wait_for(self._server(phase).probe.remote(), timeout_s)
         except asyncio.CancelledError:
             raise
         except asyncio.TimeoutError:
-            if fresh:
-                self.health[phase].failed(f"no answer within {timeout_s:g} s")
-            else:
-                self.health[phase].probe_timed_out(timeout_s)
+            self.health[phase].timed_out(timeout_s, started if fresh else None)
         except Exception as exc:  # noqa: BLE001 - dead, restarting or failing replica
             self.health[phase].failed(f"{type(exc).__name__}: {exc}")
         else:

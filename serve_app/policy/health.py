@@ -5,10 +5,16 @@ request's call that fails (a dead replica) marks the phase down at once, and so 
 probe answered and no item streamed for longer than `probe_timeout_s`. A dead replica's calls do not fail fast in Ray Serve:
 they wait for a new replica, so a request must never be the one to find out. The next probe that
 answers marks the phase up again: traffic returns by itself.
+
+Silence is counted in time the router itself could listen (`LoopStalls`): in a burst the router's
+event loop runs its callbacks seconds late, and an engine whose answer waits in that queue is not
+silent. Without this a 2,000-request burst on 2 cores marked both healthy engines down (503s).
+Only a stall of `MAX_EXCUSED_TIMEOUTS` timeouts in a row is no excuse any more.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,10 +22,45 @@ from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
+MAX_EXCUSED_TIMEOUTS = 10
+"""Silence longer than this many probe timeouts means down, however busy the router was."""
+
+
+class LoopStalls:
+    """How long this event loop could not run its callbacks: a ticker that sleeps `tick_s`
+    adds up how late each wake-up came (`watch`, a task of the loop it measures)."""
+
+    def __init__(self, tick_s: float = 0.05) -> None:
+        self.tick_s = tick_s
+        self.total_s = 0.0
+        self._woke: float | None = None
+        """When the ticker last ran; None until it runs."""
+
+    async def watch(self) -> None:
+        while True:
+            self._woke = time.monotonic()
+            await asyncio.sleep(self.tick_s)
+            self.total_s += max(0.0, time.monotonic() - self._woke - self.tick_s)
+
+    def stalled_s(self) -> float:
+        """All stalls so far, the one going on now included (the ticker may not have run yet)."""
+        ongoing = 0.0 if self._woke is None else time.monotonic() - self._woke - self.tick_s
+        return self.total_s + max(0.0, ongoing)
+
+    def mark(self) -> tuple[float, float]:
+        return time.monotonic(), self.stalled_s()
+
+    def responsive_since(self, mark: tuple[float, float]) -> float:
+        """Seconds since `mark` in which the loop was not stalled."""
+        at, stalled = mark
+        return time.monotonic() - at - (self.stalled_s() - stalled)
+
 
 @dataclass
 class PhaseHealth:
     phase: str
+    stalls: LoopStalls = field(default_factory=LoopStalls)
+    """The router loop's stalls, shared by both phases."""
     is_up: bool = True
     """Optimistic until the first probe: Serve starts the router after both servers."""
     reason: str = ""
@@ -28,16 +69,27 @@ class PhaseHealth:
     num_running_reqs: int = 0
     kv_signature: str | None = None
     changed_at: float = field(default_factory=time.monotonic)
-    last_alive: float = field(default_factory=time.monotonic)
-    """When the engine last answered anything: a probe, a prefill, a streamed item."""
+    last_alive: tuple[float, float] | None = None
+    """When the engine last answered anything (a probe, a prefill, a streamed item), as a
+    `LoopStalls.mark`; None: not yet (silence counts from the health's creation)."""
+
+    def __post_init__(self) -> None:
+        self.last_alive = self.stalls.mark()
 
     def alive(self) -> None:
-        self.last_alive = time.monotonic()
+        self.last_alive = self.stalls.mark()
 
-    def probe_timed_out(self, timeout_s: float) -> None:
-        """A busy replica answers probes late while its streams still flow: only silence
-        from every call for longer than the timeout means down."""
-        if time.monotonic() - self.last_alive > timeout_s:
+    def timed_out(self, timeout_s: float, since: tuple[float, float] | None = None) -> None:
+        """No answer within `timeout_s`. A busy replica answers probes late while its streams
+        still flow: only silence from every call (since `since`, a fresh probe's start, else
+        since the engine last answered) for longer than the timeout, in time the router could
+        listen, means down."""
+        since = since or self.last_alive
+        silent_s = time.monotonic() - since[0]
+        if (
+            self.stalls.responsive_since(since) > timeout_s
+            or silent_s > MAX_EXCUSED_TIMEOUTS * timeout_s
+        ):
             self.failed(f"no answer within {timeout_s:g} s")
 
     def probed(self, report: dict[str, Any]) -> None:

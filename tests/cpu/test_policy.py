@@ -10,7 +10,7 @@ import pytest
 from serve_app.config import AdmissionConfig, AppConfig, RoutingConfig
 from serve_app.policy.admission import Admission
 from serve_app.policy.errors import Rejection
-from serve_app.policy.health import PhaseHealth, is_compatible
+from serve_app.policy.health import LoopStalls, PhaseHealth, is_compatible
 from serve_app.policy.route import (
     CPU_SHORT_PROMPT_TOKENS,
     PhaseView,
@@ -137,6 +137,31 @@ def test_health_goes_down_and_comes_back() -> None:
     assert is_compatible(prefill, health)  # unknown yet
     prefill.probed({"kv_signature": "b"})
     assert not is_compatible(prefill, health)
+
+
+async def test_a_router_too_busy_to_listen_does_not_take_engines_for_silent() -> None:
+    """A loop blocked for longer than the timeout (a burst's callbacks) is not the engine's
+    silence; silence while the loop runs freely is; a stall of 10 timeouts is no excuse."""
+    stalls = LoopStalls(tick_s=0.01)
+    watcher = asyncio.ensure_future(stalls.watch())
+    await asyncio.sleep(0.02)
+    health = PhaseHealth("decode", stalls)
+    time.sleep(0.3)  # the loop is blocked: nothing could have been heard
+    health.timed_out(0.1)
+    assert health.is_up
+    await asyncio.sleep(0.15)  # the loop listens, the engine stays silent
+    health.timed_out(0.1)
+    assert not health.is_up and health.reason == "no answer within 0.1 s"
+    health.probed({})
+    time.sleep(0.35)  # a stall longer than MAX_EXCUSED_TIMEOUTS timeouts
+    health.timed_out(0.03)
+    assert not health.is_up
+    fresh = stalls.mark()  # a fresh probe counts from its own start
+    health.probed({})
+    time.sleep(0.2)
+    health.timed_out(0.1, since=fresh)
+    assert health.is_up
+    watcher.cancel()
 
 
 def test_token_tracker_reads_and_hides_the_ids() -> None:

@@ -118,8 +118,10 @@ def test_load_rule_keeps_a_mid_prompt_local_under_a_prefill_backlog(app: dict[st
 
 def test_burst_is_served_or_shed(app: dict[str, Any]) -> None:
     """2,000 requests at once, clients waiting 30 s: each is a 200 with all its tokens or a 429
-    JSON with Retry-After, and none times out. (How fast the shed ones hear so is bounded by
-    Serve's proxy and the client sharing 2 cores: printed, not asserted; README "Benchmarks".)"""
+    JSON with Retry-After (or a 503 JSON, which the issue allows; the router's stall-aware
+    health keeps it from taking its own lateness for dead engines), and none times out. (How
+    fast the shed ones hear so is bounded by Serve's proxy and the client sharing 2 cores:
+    printed, not asserted; README "Benchmarks".)"""
     num_requests, max_tokens = 2000, 4
 
     async def one(client: httpx.AsyncClient, index: int) -> tuple[int, float, Any, Any]:
@@ -139,7 +141,9 @@ def test_burst_is_served_or_shed(app: dict[str, Any]) -> None:
     results = asyncio.run(burst())
     statuses = [status for status, *_ in results]
     assert -1 not in statuses, "a client timed out"
-    assert set(statuses) <= {200, 429}, sorted(set(statuses))
+    assert set(statuses) <= {200, 429, 503}, sorted(set(statuses))
+    unavailable = [body for status, _, body, _ in results if status == 503]
+    assert all(body["error"]["type"] == "ServiceUnavailableError" for body in unavailable)
     ok = [body for status, _, body, _ in results if status == 200]
     shed = [(elapsed, body, headers) for status, elapsed, body, headers in results if status == 429]
     assert len(ok) >= MAX_IN_FLIGHT and shed
@@ -147,7 +151,7 @@ def test_burst_is_served_or_shed(app: dict[str, Any]) -> None:
     for _, body, headers in shed:
         assert body["error"]["type"] == "RateLimitError" and headers["retry-after"]
     elapsed = sorted(e for e, _, _ in shed)
-    print(f"burst: {len(ok)} served, {len(shed)} shed; shed answered in P50 "
+    print(f"burst: {len(ok)} served, {len(shed)} shed, {len(unavailable)} 503; shed answered in P50 "
           f"{elapsed[len(elapsed) // 2]:.2f} s, max {elapsed[-1]:.2f} s")
     assert httpx.post(app["url"], json=completion(SHORT_PROMPT), timeout=60).status_code == 200
 
