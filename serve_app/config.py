@@ -96,13 +96,43 @@ class PhaseConfig(_Strict):
     @field_validator("engine_kwargs")
     @classmethod
     def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        clash = sorted(RESERVED_ENGINE_KWARGS & {k.replace("-", "_") for k in value})
-        if clash:
-            raise ValueError(
-                f"engine_kwargs may not set {clash}: use `model.*`, `gpu_memory_utilization` or "
-                "`kv_cache_memory_bytes` of the phase, or the `kv_transfer` section"
-            )
-        return value
+        return _check_engine_kwargs(value)
+
+
+def _check_engine_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    clash = sorted(RESERVED_ENGINE_KWARGS & {k.replace("-", "_") for k in value})
+    if clash:
+        raise ValueError(
+            f"engine_kwargs may not set {clash}: use `model.*`, `gpu_memory_utilization` or "
+            "`kv_cache_memory_bytes` of the phase, or the `kv_transfer` section"
+        )
+    return value
+
+
+class EngineUpdate(_Strict):
+    """A server deployment's `user_config` (the serve config's `deployments:` section): engine
+    arguments layered over the phase's `engine_kwargs`. A change restarts only that phase's
+    engine, in its running replica (`_EngineServer.reconfigure`): the Router and the other
+    phase keep serving, where a change of `args` restarts the whole app (Serve's code version
+    covers all of `args`)."""
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    drain_timeout_s: float = Field(default=60.0, ge=0.0, le=3600.0)
+    """How long the old engine may finish its requests (no new ones reach it) before it stops;
+    streams still running then continue on the other engine (the router migrates them)."""
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_engine_kwargs(value)
+
+    def apply(self, cfg: AppConfig, role: str) -> AppConfig:
+        """`cfg` with this update's engine arguments over the `role` phase's own."""
+        if not self.engine_kwargs:
+            return cfg
+        phase = cfg.phase(role)
+        kwargs = {**phase.engine_kwargs, **self.engine_kwargs}
+        return cfg.model_copy(update={role: phase.model_copy(update={"engine_kwargs": kwargs})})
 
 
 class KVTransferConfig(_Strict):

@@ -61,6 +61,7 @@ from serve_app.policy.http_errors import install_openai_errors
 from serve_app.policy.route import (
     UNIFIED,
     PhaseView,
+    Reason,
     Route,
     RouteDecision,
     RoutePolicy,
@@ -418,7 +419,7 @@ class Router:
 
     @staticmethod
     def _with_route(outcome: _Outcome, decision: RouteDecision) -> _Outcome:
-        outcome.headers["x-pd-route"] = decision.header
+        outcome.headers.setdefault("x-pd-route", decision.header)
         return outcome
 
     async def _prefill(self, endpoint: Endpoint, request: Any, request_id: str) -> Any:
@@ -486,11 +487,19 @@ class Router:
             phase, (first, stream) = other, await self._first_item(other, endpoint, whole, None)
             if isinstance(first, BaseException):
                 return _Outcome.error(503, f"{other} failed: {first}", "ServiceUnavailableError")
+            route = RouteDecision(Route(f"{other}_only"), Reason.FALLBACK).header
+        else:
+            route = None
         if not isinstance(first, str):
             stream.cancel()
-            return _Outcome.from_vllm(first)
-        outcome = _Outcome(stream=self._relay(first, stream, phase, request, request_id, tracker))
-        outcome.cleanups.append(stream.cancel)
+            outcome = _Outcome.from_vllm(first)
+        else:
+            outcome = _Outcome(
+                stream=self._relay(first, stream, phase, request, request_id, tracker)
+            )
+            outcome.cleanups.append(stream.cancel)
+        if route is not None:
+            outcome.headers["x-pd-route"] = route  # where it ran, not where it was sent
         return outcome
 
     def _tracker(
@@ -577,8 +586,18 @@ class Router:
             return tracker(text) if tracker is not None else text
 
         try:
-            if first is not None:
-                yield shown(first)
+            if first is None:
+                # A continuation's stream (first token from prefill): its first item waits on
+                # decode, which may go down meanwhile (a restart): then it migrates like a
+                # broken stream instead of waiting for decode to come back.
+                try:
+                    first = await self._while_up(phase, stream.__anext__(), stream.cancel)
+                except StopAsyncIteration:
+                    return
+                if not isinstance(first, str):
+                    yield _final_error_event(_Outcome.from_vllm(first).body)
+                    return
+            yield shown(first)
             async for item in stream:
                 if not isinstance(item, str):
                     # An error response instead of a stream: the client already has tokens,

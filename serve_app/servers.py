@@ -4,6 +4,12 @@ Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU. Sta
 decode replica starts its engine only after the prefill replica has started its own, so the two
 never profile GPU memory at the same time (vllm issue 55827); Serve restarts keep that order
 because the wait is in the decode constructor.
+
+A deployment's `user_config` (`EngineUpdate`) changes a phase's engine in place: the replica stops
+taking calls (its probe fails, so the router routes around it), lets running requests finish,
+stops the engine and starts one with the new arguments; the Router and the other phase keep
+serving. Restarts on one node take turns (a file lock): two phases changed in one `serve
+deploy` never leave the pair without an engine, and never profile GPU memory at once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, EngineUpdate
 from serve_app.ops.telemetry import ServerTelemetry
 from serve_app.ops.tracing import end as end_span
 from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
@@ -27,6 +33,56 @@ from serve_app.streams import coalesce_ready
 
 logger = logging.getLogger("ray.serve")
 START_WAIT_S = 1800.0
+SETTLE_S = 5.0
+"""After taking the restart turn: time for the router to see the phase that restarted before
+this one goes down."""
+PORT_FREE_WAIT_S = 60.0
+
+
+class EngineRestarting(RuntimeError):
+    """A call reached a replica whose engine is restarting for a new configuration."""
+
+
+def _user_config() -> Any:
+    """This replica's `user_config`: Serve passes it to `reconfigure` only after `__init__`,
+    so the first engine starts with it from here instead of starting twice."""
+    try:
+        return serve.get_replica_context()._deployment_config.user_config
+    except Exception:  # noqa: BLE001 - not in a replica (tests), or Serve's internals moved
+        return None
+
+
+@contextlib.asynccontextmanager
+async def restart_turn(app_name: str) -> AsyncIterator[None]:
+    """One engine restart at a time on this node for `app_name` (an flock), then `SETTLE_S`
+    for the router to see the engine that restarted before this one goes down."""
+    import fcntl
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"pd-serve-restart-{app_name}.lock")
+    with open(path, "a") as lock:
+        await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+        try:
+            await asyncio.sleep(SETTLE_S)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+async def _wait_port_free(cfg: AppConfig, role: str) -> None:
+    """The old engine's processes let go of the NIXL side-channel port as they exit."""
+    from serve_app.kv_transfer import check_side_channel_free
+
+    if cfg.is_unified:
+        return
+    deadline = time.monotonic() + PORT_FREE_WAIT_S
+    while True:
+        try:
+            return check_side_channel_free(cfg, role)
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 class _EngineServer:
@@ -47,14 +103,55 @@ class _EngineServer:
             # Under an SM cap cuBLAS has returned wrong numbers: check before loading anything.
             await gate_replica(cfg, self.role)
         # An s3:// model is copied to this node's disk once (a file lock), then loaded from it.
-        cfg = self.cfg = await asyncio.to_thread(with_local_model, cfg)
-        self.engine = Engine(cfg, self.role)
+        self.local_cfg = await asyncio.to_thread(with_local_model, cfg)
+        self.update = EngineUpdate.model_validate(_user_config() or {})
+        self.restarting: str | None = None
+        self.cfg = self.update.apply(self.local_cfg, self.role)
+        self.engine = Engine(self.cfg, self.role)
         await self.engine.start()
         self.engine_ready_at = time.time()
 
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's hook for a new `user_config`: restart the engine in place with it."""
+        update = EngineUpdate.model_validate(user_config or {})
+        if update == self.update:
+            return  # the first call, right after __init__ started the engine with it
+        from serve_app.engine import Engine
+
+        async with restart_turn(serve.get_replica_context().app_name):
+            self.restarting = f"{self.role} engine is restarting for a new configuration"
+            try:
+                await self._drain(update.drain_timeout_s)
+                logger.warning("%s engine restarts with %s", self.role, update.engine_kwargs)
+                self.engine.shutdown()
+                await _wait_port_free(self.local_cfg, self.role)
+                # An engine that fails to start with the new arguments fails `reconfigure`:
+                # Serve then replaces the replica, whose start fails the same way, naming the
+                # cause in `serve status`; the other phase serves meanwhile.
+                cfg = update.apply(self.local_cfg, self.role)
+                self.engine = Engine(cfg, self.role)
+                await self.engine.start()
+                self.cfg, self.update = cfg, update
+                self.engine_ready_at = time.time()
+            finally:
+                self.restarting = None
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) until the engine has no request left: new calls are refused
+        from now on, and the router stops sending them once its probe fails."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and await self.engine.num_unfinished_requests():
+            await asyncio.sleep(0.2)
+
+    def _refuse_while_restarting(self) -> None:
+        if self.restarting:
+            raise EngineRestarting(self.restarting)
+
     async def check_health(self) -> None:
-        """Called by Serve every `health_check_period_s`; an engine error restarts the replica."""
-        await self.engine.check_health()
+        """Called by Serve every `health_check_period_s`; an engine error restarts the replica.
+        A restart in place is not an error (the router routes around it)."""
+        if not self.restarting:
+            await self.engine.check_health()
 
     async def wait_started(self) -> bool:
         """Returns once this replica's engine is up (Serve routes no call before that)."""
@@ -65,6 +162,7 @@ class _EngineServer:
 
     async def probe(self) -> dict[str, Any]:
         """The router's health probe: the engine is alive, and how loaded it is."""
+        self._refuse_while_restarting()
         await self.engine.check_health()
         stats = self.engine.stats
         return {
@@ -85,6 +183,7 @@ class _EngineServer:
         a `kv_handoff` child until the first item when the request reads prefill's blocks."""
         from serve_app.engine import final_usage, request_context
 
+        self._refuse_while_restarting()
         decode = self.telemetry.start_decode(trace, request, self.engine.kv_bytes_per_block)
         context = request_context(decode.engine_headers)
         items = self._generate(endpoint, request, kv_signature, context)
@@ -179,6 +278,7 @@ class PrefillServer(_EngineServer):
         """
         from serve_app.engine import request_context
 
+        self._refuse_while_restarting()
         span = self.telemetry.span("prefill", trace, {"pd.request_id": request.request_id})
         try:
             answer = await self._prefill(
