@@ -8,9 +8,9 @@ message that names the field and the allowed range, before any engine starts.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.config_plan import check_app_memory
 from serve_app.plan import GPU_PRESETS_MIB
@@ -62,6 +62,20 @@ class ModelConfig(_Strict):
         return value
 
 
+def _check_engine_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    clash = sorted(RESERVED_ENGINE_KWARGS & {k.replace("-", "_") for k in value})
+    if clash:
+        raise ValueError(
+            f"engine_kwargs may not set {clash}: use `model.*`, `gpu_memory_utilization` or "
+            "`kv_cache_memory_bytes` of the phase, or the `kv_transfer` section"
+        )
+    return value
+
+
+EngineKwargs = Annotated[dict[str, Any], AfterValidator(_check_engine_kwargs)]
+"""vLLM engine arguments a phase (or its `EngineUpdate`) may set: not those the app owns."""
+
+
 class PhaseConfig(_Strict):
     """One engine (prefill or decode) and its slice of the GPU."""
 
@@ -88,25 +102,11 @@ class PhaseConfig(_Strict):
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
     router's health probes are never queued behind requests."""
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    engine_kwargs: EngineKwargs = Field(default_factory=dict)
     """Any other vLLM engine argument, e.g. `max_num_batched_tokens`, `enforce_eager`."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for the replica (and so its engine processes)."""
 
-    @field_validator("engine_kwargs")
-    @classmethod
-    def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_engine_kwargs(value)
-
-
-def _check_engine_kwargs(value: dict[str, Any]) -> dict[str, Any]:
-    clash = sorted(RESERVED_ENGINE_KWARGS & {k.replace("-", "_") for k in value})
-    if clash:
-        raise ValueError(
-            f"engine_kwargs may not set {clash}: use `model.*`, `gpu_memory_utilization` or "
-            "`kv_cache_memory_bytes` of the phase, or the `kv_transfer` section"
-        )
-    return value
 
 
 class EngineUpdate(_Strict):
@@ -116,15 +116,10 @@ class EngineUpdate(_Strict):
     phase keep serving, where a change of `args` restarts the whole app (Serve's code version
     covers all of `args`)."""
 
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    engine_kwargs: EngineKwargs = Field(default_factory=dict)
     drain_timeout_s: float = Field(default=60.0, ge=0.0, le=3600.0)
     """How long the old engine may finish its requests (no new ones reach it) before it stops;
     streams still running then continue on the other engine (the router migrates them)."""
-
-    @field_validator("engine_kwargs")
-    @classmethod
-    def _no_reserved_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_engine_kwargs(value)
 
     def apply(self, cfg: AppConfig, role: str) -> AppConfig:
         """`cfg` with this update's engine arguments over the `role` phase's own."""

@@ -69,9 +69,9 @@ class PhaseHealth:
     num_running_reqs: int = 0
     kv_signature: str | None = None
     changed_at: float = field(default_factory=time.monotonic)
-    last_alive: tuple[float, float] | None = None
+    last_alive: tuple[float, float] = field(init=False)
     """When the engine last answered anything (a probe, a prefill, a streamed item), as a
-    `LoopStalls.mark`; None: not yet (silence counts from the health's creation)."""
+    `LoopStalls.mark`; before any answer, the health's creation."""
 
     def __post_init__(self) -> None:
         self.last_alive = self.stalls.mark()
