@@ -4,6 +4,7 @@
                      \\-> DecodeServer    (reads the blocks over NIXL, generates, streams)
 
 Both servers share one GPU: fractional `num_gpus`, an MPS SM cap each, a memory share each.
+`pairs` such pairs run one per GPU, one per Ray node (`pairs.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from serve_app.config import AppConfig
+from serve_app.pairs import check_cluster_holds
 from serve_app.partition import phase_actor_options
 from serve_app.router import Router
 from serve_app.servers import DecodeServer, PrefillServer
@@ -21,6 +24,19 @@ from serve_app.servers import DecodeServer, PrefillServer
 # The servers' calls come from the Router (requests, and its health probes twice a second): the
 # Router's access log is the one that tells what clients did.
 SERVER_LOGGING = {"enable_access_log": False}
+PAIR_ROUTER = RequestRouterConfig(request_router_class="serve_app.pairs:PairRequestRouter")
+
+
+def _server_options(cfg: AppConfig, role: str) -> dict[str, Any]:
+    """One replica per pair, at most one per node, routed by pair (`pairs.py`)."""
+    return {
+        "ray_actor_options": phase_actor_options(cfg, role),
+        "max_ongoing_requests": cfg.phase(role).max_ongoing_requests,
+        "num_replicas": cfg.pairs,
+        "max_replicas_per_node": 1,
+        "request_router_config": PAIR_ROUTER,
+        "logging_config": SERVER_LOGGING,
+    }
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
@@ -28,26 +44,15 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     cfg = _with_absolute_model_path(cfg)
     cfg_dict = cfg.model_dump(mode="json")
+    gpus_per_pair = cfg.decode.num_gpus + (0.0 if cfg.is_unified else cfg.prefill.num_gpus)
+    check_cluster_holds(cfg.pairs, gpus_per_pair)
     if cfg.is_unified:
         engine = DecodeServer.options(
-            name="EngineServer",
-            ray_actor_options=phase_actor_options(cfg, "decode"),
-            max_ongoing_requests=cfg.decode.max_ongoing_requests,
-            logging_config=SERVER_LOGGING,
+            name="EngineServer", **_server_options(cfg, "decode")
         ).bind(cfg_dict)
         return _router(cfg, cfg_dict, None, engine)
-    prefill = PrefillServer.options(
-        ray_actor_options=phase_actor_options(cfg, "prefill"),
-        max_ongoing_requests=cfg.prefill.max_ongoing_requests,
-        num_replicas=cfg.prefill.num_replicas,
-        logging_config=SERVER_LOGGING,
-    ).bind(cfg_dict)
-    decode = DecodeServer.options(
-        ray_actor_options=phase_actor_options(cfg, "decode"),
-        max_ongoing_requests=cfg.decode.max_ongoing_requests,
-        num_replicas=cfg.decode.num_replicas,
-        logging_config=SERVER_LOGGING,
-    ).bind(cfg_dict, prefill)
+    prefill = PrefillServer.options(**_server_options(cfg, "prefill")).bind(cfg_dict)
+    decode = DecodeServer.options(**_server_options(cfg, "decode")).bind(cfg_dict, prefill)
     return _router(cfg, cfg_dict, prefill, decode)
 
 

@@ -98,7 +98,6 @@ class PhaseConfig(_Strict):
     cpu_nice: int | None = Field(default=None, ge=0, le=19)
     """CPU build only: niceness added to the engine's processes, so the request path (Router,
     HTTP proxy, replicas) gets the cores first when both want them."""
-    num_replicas: int = Field(default=1, ge=1, le=1)
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
     router's health probes are never queued behind requests."""
@@ -339,6 +338,10 @@ class AppConfig(_Strict):
     engine_overhead_gib: float = Field(default=2.0, ge=0.0)
     """The plan's per-engine reserve outside weights and KV (activations, CUDA graphs, CUDA
     context, NIXL buffers); calibrate against vLLM's "Available KV cache memory" log line."""
+    pairs: int = Field(default=1, ge=1, le=256)
+    """Prefill/decode pairs, one per GPU: each phase's deployment runs this many replicas, at most
+    one per Ray node, so a cluster of one-GPU Ray nodes holds one pair per node
+    (`serve_app/pairs.py`). In unified mode, the number of engines."""
     start_order: Literal["prefill_first", "parallel"] = "prefill_first"
     """`prefill_first`: decode starts its engine (and memory profiling) only once prefill's is
     up, on every (re)start. `parallel` is allowed on a GPU only when both KV pools are fixed."""
@@ -386,6 +389,22 @@ class AppConfig(_Strict):
             raise ValueError(
                 "prefill.nixl_side_channel_port and decode.nixl_side_channel_port must differ "
                 f"(both are {self.decode.nixl_side_channel_port})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pair_ports_differ(self) -> AppConfig:
+        """Replica `r` of a phase uses `nixl_side_channel_port + r`: the two ranges must not
+        overlap."""
+        if self.is_unified or self.pairs == 1:
+            return self
+        low, high = sorted((self.prefill.nixl_side_channel_port, self.decode.nixl_side_channel_port))
+        if high - low < self.pairs or high + self.pairs - 1 > 65535:
+            raise ValueError(
+                f"pairs: {self.pairs} pairs use NIXL side-channel ports "
+                f"prefill.nixl_side_channel_port + 0..{self.pairs - 1} and "
+                f"decode.nixl_side_channel_port + 0..{self.pairs - 1}: the two ports must be at "
+                f"least {self.pairs} apart (they are {high - low}) and the ranges within 65535"
             )
         return self
 
@@ -452,6 +471,16 @@ class AppConfig(_Strict):
         if self.kv_transfer.buffer_device != "auto":
             return self.kv_transfer.buffer_device
         return self.device
+
+    def for_replica(self, role: str, rank: int) -> AppConfig:
+        """This config as replica `rank` of the `role` phase runs it: its own NIXL port."""
+        if rank == 0:
+            return self
+        phase = self.phase(role)
+        port = phase.nixl_side_channel_port + rank
+        return self.model_copy(
+            update={role: phase.model_copy(update={"nixl_side_channel_port": port})}
+        )
 
     def phase(self, role: str) -> PhaseConfig:
         if role not in ("prefill", "decode"):

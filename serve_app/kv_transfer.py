@@ -26,7 +26,8 @@ def kv_transfer_config(cfg: AppConfig, role: str) -> dict[str, Any]:
         "kv_connector": CONNECTOR,
         "kv_role": "kv_both",
         "kv_buffer_device": cfg.kv_buffer_device,
-        "engine_id": f"pd-serve-{role}",
+        # One per engine of the app: a pair's port is its own (`AppConfig.for_replica`).
+        "engine_id": f"pd-serve-{role}-{cfg.phase(role).nixl_side_channel_port}",
         "kv_load_failure_policy": kv.load_failure_policy,
         "kv_connector_extra_config": {
             "kv_lease_duration": kv.lease_duration_s,

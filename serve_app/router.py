@@ -1,4 +1,4 @@
-"""The `Router` ingress: OpenAI HTTP API in front of one prefill and one decode engine.
+"""The `Router` ingress: OpenAI HTTP API in front of pairs of prefill and decode engines.
 
 The steps of one request (`Router._run`), each decision a named call into `policy/`:
 
@@ -10,7 +10,8 @@ The steps of one request (`Router._run`), each decision a named call into `polic
    (400 malformed / invalid, 404 unknown model) before any engine sees it.
 3. Count: the prompt is tokenized once, here (`prompt_tokens.py`); the ids travel on, so no
    engine tokenizes it again.
-4. Route: disaggregated, decode-only (short prompt, prefill backlog, prefill down, KV layouts
+4. Route: a pair (one prefill and one decode engine on one GPU, `policy/pairs.py`: the less
+   loaded of two), then disaggregated, decode-only (short prompt, prefill backlog, prefill down, KV layouts
    that disagree) or prefill-only (decode down) (`policy/route.py`). The decision goes back in
    the `x-pd-route` header.
 5. Prefill: the PrefillServer runs a copy of the request with `max_tokens=1` and
@@ -29,8 +30,9 @@ The steps of one request (`Router._run`), each decision a named call into `polic
    and decode makes the router release the blocks prefill holds for it, so nothing waits for a
    lease to expire.
 
-Between requests the router probes both engines (`_monitor`, `policy/health.py`), so a dead or
-restarting engine is routed around at once and traffic returns when it answers again.
+Between requests the router probes every pair's engines (`_monitor`, `policy/health.py`), so a
+dead or restarting engine is routed around at once (new requests go to whole pairs, else to the
+surviving engine) and traffic returns when it answers again.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ from serve_app import first_token, migration
 from serve_app.config import AppConfig
 from serve_app.ops.metrics import CONTENT_TYPE
 from serve_app.ops.telemetry import RouterTelemetry, current_request
+from serve_app.pairs import on_pair, replica_nodes
 from serve_app.policy import limits
 from serve_app.policy.admission import Admission, Slot
 from serve_app.policy.auth import ApiKeys
 from serve_app.policy.errors import Rejection
 from serve_app.policy.errors import openai_error as error_body
-from serve_app.policy.health import LoopStalls, PhaseHealth, is_compatible
+from serve_app.policy.health import LoopStalls, is_compatible
 from serve_app.policy.http_errors import install_openai_errors
+from serve_app.policy.pairs import Pair, PairSet
 from serve_app.policy.route import (
     UNIFIED,
     PhaseView,
@@ -183,6 +187,14 @@ def _other(phase: str) -> str:
     return "prefill" if phase == "decode" else "decode"
 
 
+def _nodes_of(handle: Any) -> set[str]:
+    return set(replica_nodes(handle.app_name, handle.deployment_name).values())
+
+
+DISCOVERY_WAIT_S = 10.0
+"""How long a request waits for the router to learn its first pair (just after a start)."""
+
+
 # Ray pickles the ingress class by value: every module-level name it uses must be defined above.
 @serve.deployment(name="Router")
 @serve.ingress(fastapi_app)
@@ -210,11 +222,9 @@ class Router:
             self.cfg.router.routing, short_prompt_tokens(self.cfg, _num_params(self.cfg))
         )
         self.stalls = LoopStalls()
-        self.health = {
-            "prefill": PhaseHealth("prefill", self.stalls),
-            "decode": PhaseHealth("decode", self.stalls),
-        }
-        self.num_queued = {"prefill": 0, "decode": 0}
+        phases = {"decode": decode} if prefill is None else {"prefill": prefill, "decode": decode}
+        self.pairs = PairSet(phases, self.stalls)
+        self._discovered = False
         self.admission = Admission(self.cfg.router.admission, self._is_decode_full)
         self._monitor_tasks: list[asyncio.Task] = []
         self.telemetry = RouterTelemetry(self.cfg)
@@ -239,21 +249,34 @@ class Router:
         """200 while some engine can serve (the router routes around the other one), with each
         engine's state; 503 when none can. Probes both now, not from memory."""
         self._ensure_monitor()
-        phases = [p for p in ("prefill", "decode") if self._server(p) is not None]
+        await self._discover()
         timeout_s = self.cfg.router.health_timeout_s
-        await asyncio.gather(*(self._probe(phase, timeout_s, fresh=True) for phase in phases))
-        states = {p: "up" if self.health[p].is_up else self.health[p].reason for p in phases}
-        if not any(self.health[p].is_up for p in phases):
-            message = "engine unhealthy: " + "; ".join(f"{p}: {r}" for p, r in states.items())
+        await asyncio.gather(*(
+            self._probe(pair, phase, timeout_s, fresh=True)
+            for pair in self.pairs for phase in pair.present
+        ))
+        if not self.pairs.is_serving():
+            message = f"engine unhealthy: {self.pairs.reasons()}"
             return JSONResponse(error_body(503, message, "ServiceUnavailableError"), 503)
-        return JSONResponse({"status": "ok", "engines": states})
+        pairs = {
+            pair.name: {p: "up" if h.is_up else h.reason for p, h in pair.health.items()}
+            for pair in self.pairs
+        }
+        engines: dict[str, str] = {}  # per phase: up where some pair's is, else a reason
+        for states in pairs.values():
+            for phase, state in states.items():
+                engines[phase] = "up" if "up" in (state, engines.get(phase)) else state
+        return JSONResponse({"status": "ok", "engines": engines, "pairs": pairs})
 
     @fastapi_app.get("/metrics")
     async def http_metrics(self) -> Response:
         """Prometheus text: the Router's metrics and each engine's vLLM metrics (`phase`)."""
         self.telemetry.set_waiting(self.admission.num_waiting)
-        servers = {"unified": self.decode} if self.prefill is None else {
-            "prefill": self.prefill, "decode": self.decode}
+        await self._discover()
+        servers = {
+            ("unified" if self.prefill is None else phase, pair.name): pair.server(phase)
+            for pair in self.pairs for phase in pair.present
+        }
         return Response(await self.telemetry.scrape(servers), media_type=CONTENT_TYPE)
 
     async def _http(self, raw: Request, endpoint: Endpoint) -> Response:
@@ -329,17 +352,38 @@ class Router:
                 return request
             current_request().admitted(request)
             num_prompt_tokens, request = self.prompt_tokens.count(endpoint, request)
-            decision = self._route(request, num_prompt_tokens)
+            pair = self.pairs.choose(self._is_pair_full)
+            if pair is None:  # every engine went down since admission
+                slot.release()
+                return _Outcome.rejected(self._no_engine())
+            release = self._assign(pair, slot)
+            decision = self._route(pair, request, num_prompt_tokens)
             current_request().routed(decision.route.value, decision.reason.value)
-            outcome = await self._serve(endpoint, request, decision)
+            outcome = await self._serve(pair, endpoint, request, decision)
         except BaseException:
             slot.release()
             raise
+        outcome.headers["x-pd-pair"] = pair.name
         if outcome.stream is None:
-            slot.release()
+            release()
         else:
-            outcome.stream = _Guarded(outcome.stream, [slot.release, *outcome.cleanups])
+            outcome.stream = _Guarded(outcome.stream, [release, *outcome.cleanups])
         return outcome
+
+    @staticmethod
+    def _assign(pair: Pair, slot: Slot) -> Callable[[], None]:
+        """Count the request on `pair` until the returned release (which frees `slot` too)."""
+        pair.num_in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pair.num_in_flight -= 1
+                slot.release()
+
+        return release
 
     def _validate(self, endpoint: Endpoint, body: Any) -> Any:
         from pydantic import ValidationError
@@ -369,34 +413,39 @@ class Router:
 
     async def _admit(self) -> Slot:
         """A slot, or a `Rejection`: 503 at once when no engine is up, 429 past the limits."""
-        servers = ("decode",) if self.prefill is None else ("prefill", "decode")
-        if not any(self.health[phase].is_up for phase in servers):
-            reasons = "; ".join(f"{p}: {self.health[p].reason}" for p in servers)
-            raise Rejection(
-                503, f"No engine is available ({reasons})", "ServiceUnavailableError",
-                headers={"Retry-After": str(self.cfg.router.admission.retry_after_s)},
-            )
+        if not self._discovered:
+            await self._discover()
+        if not self.pairs.is_serving():
+            raise self._no_engine()
         return await self.admission.admit()
 
-    def _route(self, request: Any, num_prompt_tokens: int) -> RouteDecision:
+    def _no_engine(self) -> Rejection:
+        return Rejection(
+            503, f"No engine is available ({self.pairs.reasons()})", "ServiceUnavailableError",
+            headers={"Retry-After": str(self.cfg.router.admission.retry_after_s)},
+        )
+
+    def _route(self, pair: Pair, request: Any, num_prompt_tokens: int) -> RouteDecision:
         if self.prefill is None:
             return UNIFIED
-        prefill, decode = self.health["prefill"], self.health["decode"]
+        prefill, decode = pair.health["prefill"], pair.health["decode"]
         view = PhaseView(
             is_prefill_up=prefill.is_up,
             is_decode_up=decode.is_up,
             is_compatible=is_compatible(prefill, decode),
-            num_prefill_queued=self.num_queued["prefill"],
-            num_decode_queued=self.num_queued["decode"] + decode.num_waiting_reqs,
+            num_prefill_queued=pair.num_queued["prefill"],
+            num_decode_queued=pair.num_queued["decode"] + decode.num_waiting_reqs,
         )
         return self.route_policy.decide(num_prompt_tokens, can_disaggregate(request), view)
 
-    async def _serve(self, endpoint: Endpoint, request: Any, decision: RouteDecision) -> _Outcome:
+    async def _serve(
+        self, pair: Pair, endpoint: Endpoint, request: Any, decision: RouteDecision
+    ) -> _Outcome:
         request_id = current_request().request_id  # the trace id, then the Router span's
         result: PrefillResult | None = None
         if decision.route is Route.DISAGGREGATED:
             current_request().prefill_started()
-            prefilled = await self._prefill(endpoint, request, request_id)
+            prefilled = await self._prefill(pair, endpoint, request, request_id)
             current_request().prefill_finished(prefilled)
             if isinstance(prefilled, _Outcome):
                 return prefilled
@@ -411,10 +460,11 @@ class Router:
                     and first_token.can_continue(request)
                     and first_token.continues(result)
                 ):
-                    return self._with_route(self._continue(request, request_id, result), decision)
+                    continued = self._continue(pair, request, request_id, result)
+                    return self._with_route(continued, decision)
         phase = "prefill" if decision.route is Route.PREFILL_ONLY else "decode"
         decode_request = prepare_decode_request(request, request_id, result)
-        outcome = await self._generate(phase, endpoint, decode_request, request_id, result)
+        outcome = await self._generate(pair, phase, endpoint, decode_request, request_id, result)
         return self._with_route(outcome, decision)
 
     @staticmethod
@@ -422,38 +472,38 @@ class Router:
         outcome.headers.setdefault("x-pd-route", decision.header)
         return outcome
 
-    async def _prefill(self, endpoint: Endpoint, request: Any, request_id: str) -> Any:
-        self.num_queued["prefill"] += 1
+    async def _prefill(self, pair: Pair, endpoint: Endpoint, request: Any, request_id: str) -> Any:
+        pair.num_queued["prefill"] += 1
         try:
-            call = self.prefill.prefill.remote(
+            call = pair.server("prefill").prefill.remote(
                 endpoint, prepare_prefill_request(request, request_id),
                 trace=current_request().carrier(),
             )
             response = await self._while_up(
-                "prefill", call, call.cancel, self.cfg.router.failover.prefill_deadline_s
+                pair, "prefill", call, call.cancel, self.cfg.router.failover.prefill_deadline_s
             )
         except asyncio.CancelledError:
             raise
         except _PhaseDown as down:
-            return self._prefill_failed(str(down), mark_down=False)
+            return self._prefill_failed(pair, str(down), mark_down=False)
         except asyncio.TimeoutError:
             deadline = self.cfg.router.failover.prefill_deadline_s
-            return self._prefill_failed(f"no answer within {deadline:g} s", mark_down=False)
+            return self._prefill_failed(pair, f"no answer within {deadline:g} s", mark_down=False)
         except Exception as exc:  # noqa: BLE001 - a dead or failing prefill replica
-            return self._prefill_failed(f"{type(exc).__name__}: {exc}")
+            return self._prefill_failed(pair, f"{type(exc).__name__}: {exc}")
         finally:
-            self.num_queued["prefill"] -= 1
-        self.health["prefill"].alive()
+            pair.num_queued["prefill"] -= 1
+        pair.health["prefill"].alive()
         if isinstance(response, PrefillResult):
             return response
         outcome = _Outcome.from_vllm(response)
         if outcome.status < 500:
             return outcome
-        return self._prefill_failed(str(outcome.body), mark_down=False)
+        return self._prefill_failed(pair, str(outcome.body), mark_down=False)
 
-    def _prefill_failed(self, reason: str, mark_down: bool = True) -> Any:
+    def _prefill_failed(self, pair: Pair, reason: str, mark_down: bool = True) -> Any:
         if mark_down:
-            self.health["prefill"].failed(reason)
+            pair.health["prefill"].failed(reason)
         if self.cfg.router.fallback_to_decode:
             logger.warning("prefill failed (%s); decode runs the whole request", reason)
             return None
@@ -461,6 +511,7 @@ class Router:
 
     async def _generate(
         self,
+        pair: Pair,
         phase: str,
         endpoint: Endpoint,
         request: Any,
@@ -469,22 +520,22 @@ class Router:
     ) -> _Outcome:
         """Run `request` on `phase`'s engine; one that fails before its first byte is marked
         down and the whole request runs on the other engine, if that one is up."""
-        tracker = self._tracker(endpoint, request, phase)
+        tracker = self._tracker(pair, endpoint, request, phase)
         if tracker is not None:
             request = migration.tracked_request(request)
-        first, stream = await self._first_item(phase, endpoint, request, result)
+        first, stream = await self._first_item(pair, phase, endpoint, request, result)
         if isinstance(first, BaseException):
             if result is not None:
-                await self._release(request_id, result)
+                await self._release(pair, request_id, result)
             other = _other(phase)
-            if self._server(other) is None or not self.health[other].is_up:
+            if not pair.is_up(other):
                 return _Outcome.error(
                     503, f"{phase} failed: {first}", "ServiceUnavailableError"
                 )
             logger.warning("%s failed (%s); %s runs the whole request", phase, first, other)
             current_request().fell_back(phase, f"{other}_only", "fallback")
             whole = prepare_decode_request(request, request_id, None)
-            phase, (first, stream) = other, await self._first_item(other, endpoint, whole, None)
+            phase, (first, stream) = other, await self._first_item(pair, other, endpoint, whole, None)
             if isinstance(first, BaseException):
                 return _Outcome.error(503, f"{other} failed: {first}", "ServiceUnavailableError")
             route = RouteDecision(Route(f"{other}_only"), Reason.FALLBACK).header
@@ -495,7 +546,7 @@ class Router:
             outcome = _Outcome.from_vllm(first)
         else:
             outcome = _Outcome(
-                stream=self._relay(first, stream, phase, request, request_id, tracker)
+                stream=self._relay(pair, first, stream, phase, request, request_id, tracker)
             )
             outcome.cleanups.append(stream.cancel)
         if route is not None:
@@ -503,19 +554,20 @@ class Router:
         return outcome
 
     def _tracker(
-        self, endpoint: Endpoint, request: Any, phase: str, num_given: int = 0
+        self, pair: Pair, endpoint: Endpoint, request: Any, phase: str, num_given: int = 0
     ) -> migration.TokenTracker | None:
         """A tracker of the streamed ids where a break could continue on the other engine."""
-        if self._server(_other(phase)) is None or not migration.can_migrate(endpoint, request):
+        if pair.server(_other(phase)) is None or not migration.can_migrate(endpoint, request):
             return None
         return migration.TokenTracker(request, num_client_prompt=len(request.prompt) - num_given)
 
     async def _first_item(
-        self, phase: str, endpoint: Endpoint, request: Any, result: PrefillResult | None
+        self, pair: Pair, phase: str, endpoint: Endpoint, request: Any,
+        result: PrefillResult | None,
     ) -> tuple[Any, Any]:
         """The stream of `request` on `phase` and its first item (or the exception instead)."""
-        signature = None if result is None else self.health["prefill"].kv_signature
-        server = self._server(phase)
+        signature = None if result is None else pair.health["prefill"].kv_signature
+        server = pair.server(phase)
         stream = server.options(stream=True).generate.remote(
             endpoint, request, signature, trace=current_request().carrier()
         )
@@ -523,27 +575,25 @@ class Router:
         # A stream's first item is its place in the engine's queue; a unary answer's is the
         # whole request, so it does not count (the probes report the engine's own queue).
         queued = 1 if request.stream else 0
-        self.num_queued[phase] += queued
+        pair.num_queued[phase] += queued
         try:
-            first = await self._while_up(phase, stream.__anext__(), stream.cancel)
+            first = await self._while_up(pair, phase, stream.__anext__(), stream.cancel)
             current_request().first_item(phase)
-            self.health[phase].alive()
+            pair.health[phase].alive()
             return first, stream
         except (asyncio.CancelledError, KeyboardInterrupt):
             stream.cancel()
             raise
         except BaseException as exc:  # noqa: BLE001 - the replica failed or died
             stream.cancel()
-            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
+            pair.health[phase].failed(f"{type(exc).__name__}: {exc}")
             return exc, stream
         finally:
-            self.num_queued[phase] -= queued
-
-    def _server(self, phase: str) -> Any:
-        return self.prefill if phase == "prefill" else self.decode
+            pair.num_queued[phase] -= queued
 
     async def _while_up(
-        self, phase: str, call: Any, cancel: Callable[[], Any], deadline_s: float | None = None
+        self, pair: Pair, phase: str, call: Any, cancel: Callable[[], Any],
+        deadline_s: float | None = None,
     ) -> Any:
         """Await `call` on `phase`, giving up (`cancel`, then `_PhaseDown`) as soon as the
         probes mark the phase down: a call to a dead replica waits for a new one instead of
@@ -556,8 +606,8 @@ class Router:
                 done, _ = await asyncio.wait({task}, timeout=period)
                 if done:
                     return task.result()
-                if not self.health[phase].is_up:
-                    raise _PhaseDown(f"{phase} is down: {self.health[phase].reason}")
+                if not pair.health[phase].is_up:
+                    raise _PhaseDown(f"{phase} is down: {pair.health[phase].reason}")
                 if deadline_s is not None and time.monotonic() - started > deadline_s:
                     raise asyncio.TimeoutError
         finally:
@@ -567,6 +617,7 @@ class Router:
 
     async def _relay(
         self,
+        pair: Pair,
         first: str | None,
         stream: Any,
         phase: str,
@@ -578,7 +629,7 @@ class Router:
         """Yield the engine's SSE text (through `edit`, then `tracker`); a stream that breaks
         midway continues on the other engine where it can, else ends with an error event."""
 
-        health = self.health[phase]
+        health = pair.health[phase]
 
         def shown(text: str) -> str:
             health.alive()
@@ -591,7 +642,7 @@ class Router:
                 # decode, which may go down meanwhile (a restart): then it migrates like a
                 # broken stream instead of waiting for decode to come back.
                 try:
-                    first = await self._while_up(phase, stream.__anext__(), stream.cancel)
+                    first = await self._while_up(pair, phase, stream.__anext__(), stream.cancel)
                 except StopAsyncIteration:
                     return
                 if not isinstance(first, str):
@@ -606,14 +657,15 @@ class Router:
                     return
                 yield shown(item)
         except Exception as exc:  # noqa: BLE001 - the engine's replica failed or died
-            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
-            async for text in self._migrate(phase, request, request_id, tracker, exc):
+            health.failed(f"{type(exc).__name__}: {exc}")
+            async for text in self._migrate(pair, phase, request, request_id, tracker, exc):
                 yield text
         finally:
             stream.cancel()
 
     async def _migrate(
         self,
+        pair: Pair,
         phase: str,
         request: Any,
         request_id: str,
@@ -623,7 +675,7 @@ class Router:
         """The rest of a broken stream from the other engine (`migration.py`)."""
         other, new_id = _other(phase), uuid.uuid4().hex
         rest = None
-        if tracker is not None and self.health[other].is_up:
+        if tracker is not None and pair.is_up(other):
             rest = migration.continuation(request, new_id, tracker)
         if rest is None:
             body = error_body(503, f"{phase} failed: {exc}", "ServiceUnavailableError")
@@ -631,7 +683,7 @@ class Router:
             return
         logger.warning("%s failed midway (%s): %s continues %s after %d tokens",
                        phase, exc, other, request_id, len(tracker.generated))
-        first, stream = await self._first_item(other, "completions", rest, None)
+        first, stream = await self._first_item(pair, other, "completions", rest, None)
         if not isinstance(first, str):
             if not isinstance(first, BaseException):
                 stream.cancel()
@@ -644,31 +696,34 @@ class Router:
         shown_ids = tracker.is_shown
         tracker = migration.TokenTracker(rest, num_client_prompt=tracker.num_client_prompt)
         tracker.is_shown = shown_ids
-        async for text in self._relay(first, stream, other, rest, request_id, None, moved):
+        async for text in self._relay(pair, first, stream, other, rest, request_id, None, moved):
             yield tracker(text)
 
-    def _continue(self, request: Any, request_id: str, result: PrefillResult) -> _Outcome:
+    def _continue(
+        self, pair: Pair, request: Any, request_id: str, result: PrefillResult
+    ) -> _Outcome:
         """Stream prefill's token now; decode streams the rest after it."""
         decode_request = first_token.continuation_request(request, request_id, result)
-        tracker = self._tracker("completions", decode_request, "decode", num_given=1)
+        tracker = self._tracker(pair, "completions", decode_request, "decode", num_given=1)
         if tracker is not None:
             tracker.is_shown = bool(request.return_token_ids)
             decode_request = migration.tracked_request(decode_request)
-        signature = self.health["prefill"].kv_signature
-        stream = self.decode.options(stream=True).generate.remote(
+        signature = pair.health["prefill"].kv_signature
+        stream = pair.server("decode").options(stream=True).generate.remote(
             "completions", decode_request, signature, trace=current_request().carrier()
         )
         current_request().generate_started("decode")
         relay = self._relay(
-            None, stream, "decode", decode_request, request_id, tracker,
+            pair, None, stream, "decode", decode_request, request_id, tracker,
             edit=first_token.ContinuationEvents(),
         )
-        outcome = _Outcome(stream=self._continuation(request, request_id, result, relay))
+        outcome = _Outcome(stream=self._continuation(pair, request, request_id, result, relay))
         outcome.cleanups.append(stream.cancel)
         return outcome
 
     async def _continuation(
-        self, request: Any, request_id: str, result: PrefillResult, relay: AsyncIterator[str]
+        self, pair: Pair, request: Any, request_id: str, result: PrefillResult,
+        relay: AsyncIterator[str],
     ) -> AsyncIterator[str]:
         started = False
         try:
@@ -683,21 +738,41 @@ class Router:
             if not started:
                 # Decode may never have seen the request (client gone, decode failed):
                 # free prefill's blocks now. Not awaited: this may run in a cancelled task.
-                task = asyncio.ensure_future(self._release(request_id, result))
+                task = asyncio.ensure_future(self._release(pair, request_id, result))
                 self._releases.add(task)
                 task.add_done_callback(self._releases.discard)
 
-    async def _release(self, request_id: str, result: PrefillResult) -> None:
+    async def _release(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
         try:
-            await self.decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
+            decode = pair.server("decode")
+            await decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
         except Exception:  # noqa: BLE001 - best effort; the lease frees them later anyway
             logger.warning("could not release prefill blocks of %s", request_id, exc_info=True)
 
     # ---- Between requests -----------------------------------------------------------------
 
-    def _is_decode_full(self) -> bool:
+    def _is_pair_full(self, pair: Pair) -> bool:
         usage_limit = self.cfg.router.admission.decode_kv_usage_limit
-        return self.health["decode"].kv_cache_usage >= usage_limit
+        return pair.health["decode"].kv_cache_usage >= usage_limit
+
+    def _is_decode_full(self) -> bool:
+        """Every decode engine that is up is nearly full: admission waits for one to drain."""
+        decodes = [pair for pair in self.pairs if pair.is_up("decode")]
+        return bool(decodes) and all(self._is_pair_full(pair) for pair in decodes)
+
+    async def _discover(self) -> None:
+        """Learn the pairs from the handles' request routers (`pairs.py`). The first time,
+        wait up to `DISCOVERY_WAIT_S` until every phase's replicas are known, so that no
+        request finds a phase missing that is only not known yet."""
+        deadline = time.monotonic() + DISCOVERY_WAIT_S
+        while not self._discovered and time.monotonic() < deadline:
+            for handle in self.pairs.phases.values():
+                handle.options()  # a handle's request router starts with its first use
+            self._discovered = all(_nodes_of(h) for h in self.pairs.phases.values())
+            if not self._discovered:
+                await asyncio.sleep(0.05)
+        self._discovered = True
+        self.pairs.refresh(_nodes_of, on_pair)
 
     def _ensure_monitor(self) -> None:
         """The probes and the loop's stall ticker, started by the first call on this loop."""
@@ -710,25 +785,30 @@ class Router:
             ]
 
     async def _monitor(self) -> None:
-        """Probe every engine each period, all at once; wake admission waiters after."""
+        """Meet new pairs, probe every engine of every pair each period, all at once; wake
+        admission waiters after."""
         failover = self.cfg.router.failover
-        phases = [p for p in ("prefill", "decode") if self._server(p) is not None]
         while True:
-            await asyncio.gather(*(self._probe(phase, failover.probe_timeout_s) for phase in phases))
+            await self._discover()
+            await asyncio.gather(*(
+                self._probe(pair, phase, failover.probe_timeout_s)
+                for pair in self.pairs for phase in pair.present
+            ))
             await self.admission.notify()
             await asyncio.sleep(failover.probe_period_s)
 
-    async def _probe(self, phase: str, timeout_s: float, fresh: bool = False) -> None:
+    async def _probe(self, pair: Pair, phase: str, timeout_s: float, fresh: bool = False) -> None:
         """One probe; `fresh`: a timeout means down, whatever answered before the probe."""
         started = self.stalls.mark()
+        health = pair.health[phase]
         try:
-            report = await asyncio.wait_for(self._server(phase).probe.remote(), timeout_s)
+            report = await asyncio.wait_for(pair.server(phase).probe.remote(), timeout_s)
         except asyncio.CancelledError:
             raise
         except asyncio.TimeoutError:
-            self.health[phase].timed_out(timeout_s, started if fresh else None)
+            health.timed_out(timeout_s, started if fresh else None)
         except Exception as exc:  # noqa: BLE001 - dead, restarting or failing replica
-            self.health[phase].failed(f"{type(exc).__name__}: {exc}")
+            health.failed(f"{type(exc).__name__}: {exc}")
         else:
-            self.health[phase].probed(report)
+            health.probed(report)
 

@@ -1,9 +1,11 @@
 """The two engine deployments: `PrefillServer` and `DecodeServer`.
 
-Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU. Start order: the
-decode replica starts its engine only after the prefill replica has started its own, so the two
-never profile GPU memory at the same time (vllm issue 55827); Serve restarts keep that order
-because the wait is in the decode constructor.
+Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU; replica `r` of a
+phase is pair `r`'s as far as ports go (`AppConfig.for_replica`), and the pair it serves is the
+one on its node (`pairs.py`). Start order: the decode replica starts its engine only after the
+prefill replica of its node has started its own, so the two never profile GPU memory at the
+same time (vllm issue 55827); Serve restarts keep that order because the wait is in the decode
+constructor. That wait also checks that both are on one GPU (`pairs.check_same_gpu`).
 
 A deployment's `user_config` (`EngineUpdate`) changes a phase's engine in place: the replica stops
 taking calls (its probe fails, so the router routes around it), lets running requests finish,
@@ -28,6 +30,7 @@ from ray import serve
 from serve_app.config import AppConfig, EngineUpdate
 from serve_app.ops.telemetry import ServerTelemetry
 from serve_app.ops.tracing import end as end_span
+from serve_app.pairs import PairSplit, Placement, check_same_gpu, current_placement, on_pair
 from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
 from serve_app.streams import coalesce_ready
 
@@ -41,6 +44,14 @@ PORT_FREE_WAIT_S = 60.0
 
 class EngineRestarting(RuntimeError):
     """A call reached a replica whose engine is restarting for a new configuration."""
+
+
+def _replica_rank() -> int:
+    """This replica's rank in its deployment (0..pairs-1); 0 outside a replica (tests)."""
+    try:
+        return int(serve.get_replica_context().rank.rank)
+    except Exception:  # noqa: BLE001 - not in a replica
+        return 0
 
 
 def _user_config() -> Any:
@@ -91,9 +102,13 @@ class _EngineServer:
     async def _start_engine(self, cfg: AppConfig) -> None:
         from serve_app.engine import Engine
         from serve_app.gpu_gate import gate_replica
+        from serve_app.kv_transfer import kv_transfer_env
         from serve_app.model_source import with_local_model
         from serve_app.mps import preflight
 
+        cfg = cfg.for_replica(self.role, _replica_rank())
+        if not cfg.is_unified:
+            os.environ.update(kv_transfer_env(cfg, self.role))  # inherited by EngineCore
         self.cfg = cfg
         self.engine_start_began = time.time()
         self.telemetry = ServerTelemetry(cfg, self.role)
@@ -156,6 +171,10 @@ class _EngineServer:
     async def wait_started(self) -> bool:
         """Returns once this replica's engine is up (Serve routes no call before that)."""
         return True
+
+    async def placement(self) -> Placement:
+        """Where this replica runs (node, GPU); like `wait_started`, only once it is up."""
+        return current_placement()
 
     async def list_models(self) -> dict[str, Any]:
         return await self.engine.list_models()
@@ -260,6 +279,31 @@ class _EngineServer:
             telemetry.shutdown()  # exports the spans still waiting
 
 
+async def _prefill_of_node(prefill: Any, here: Placement, num_pairs: int) -> Placement:
+    """The placement of the prefill replica on this node, once its engine is up. Raises
+    `PairSplit` as soon as every prefill replica runs and none on this node."""
+    from serve_app.pairs import replica_nodes
+
+    call = asyncio.ensure_future(on_pair(prefill, here.node_id).placement.remote())
+    deadline = time.monotonic() + START_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait({call}, timeout=1.0)
+            if done:
+                return call.result()
+            nodes = set(replica_nodes(prefill.app_name, prefill.deployment_name).values())
+            if len(nodes) >= num_pairs and here.node_id not in nodes:
+                raise PairSplit(
+                    f"pair split: decode on {here.describe()} has no prefill replica on its "
+                    f"node (prefill runs on nodes {', '.join(n[:12] for n in sorted(nodes))}); "
+                    "give the app as many one-GPU Ray nodes as pairs, or set "
+                    "RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1 (README, \"Pairs\")"
+                )
+        raise TimeoutError(f"no prefill replica started on this node in {START_WAIT_S:g} s")
+    finally:
+        call.cancel()
+
+
 @serve.deployment(name="PrefillServer", health_check_period_s=10, health_check_timeout_s=60)
 class PrefillServer(_EngineServer):
     role = "prefill"
@@ -316,10 +360,18 @@ class DecodeServer(_EngineServer):
 
     async def __init__(self, cfg: dict[str, Any], prefill: Any = None) -> None:
         app_cfg = AppConfig.model_validate(cfg)
-        if prefill is not None and app_cfg.start_order == "prefill_first":
-            logger.info("decode waits for the prefill engine to start first")
-            await asyncio.wait_for(prefill.wait_started.remote(), timeout=START_WAIT_S)
-        await self._start_engine(app_cfg)
+        if prefill is None:  # unified mode: a whole engine of its own
+            await self._start_engine(app_cfg)
+            return
+        # The pair's prefill replica is the one on this node; it answers once it is up.
+        here = current_placement()
+        if app_cfg.start_order == "prefill_first":
+            logger.info("decode waits for the prefill engine of its node")
+            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.pairs), here)
+            await self._start_engine(app_cfg)
+        else:
+            await self._start_engine(app_cfg)
+            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.pairs), here)
 
     async def release_remote_kv(self, request_id: str, params: KVTransferParams) -> None:
         """Free prefill's blocks for a request that will never decode (client left between)."""

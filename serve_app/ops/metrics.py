@@ -20,6 +20,7 @@ server metrics where one exists, translated to Prometheus (`gen_ai.server.time_t
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -91,8 +92,8 @@ class RouterMetrics:
             registry=r,
         )
         self.engine_up = Gauge(
-            "pd:engine_metrics_up", "1 if the phase's server answered this scrape.", ["phase"],
-            registry=r,
+            "pd:engine_metrics_up", "1 if the engine's server answered this scrape.",
+            ["phase", "pair"], registry=r,
         )
         for phase in ("prefill", "decode"):
             self.in_flight.labels(phase)
@@ -126,10 +127,13 @@ class _Families(Collector):
         return self._families
 
 
-def with_phase(families_by_phase: dict[str, list[Metric]]) -> list[Metric]:
-    """One family per name, each sample labelled with the phase it came from."""
+def with_phase(families_by_engine: dict[Any, list[Metric]]) -> list[Metric]:
+    """One family per name, each sample labelled with the engine it came from: its phase (a
+    key `phase`), or its phase and pair (a key `(phase, pair)`)."""
     merged: dict[str, Metric] = {}
-    for phase, families in families_by_phase.items():
+    for engine, families in families_by_engine.items():
+        phase, pair = engine if isinstance(engine, tuple) else (engine, None)
+        labels = {"phase": phase} if pair is None else {"phase": phase, "pair": pair}
         for family in families:
             target = merged.get(family.name)
             if target is None:
@@ -137,14 +141,14 @@ def with_phase(families_by_phase: dict[str, list[Metric]]) -> list[Metric]:
                     family.name, family.documentation, family.type, family.unit
                 )
             target.samples.extend(
-                s._replace(labels={**s.labels, "phase": phase}) for s in family.samples
+                s._replace(labels={**s.labels, **labels}) for s in family.samples
             )
     return list(merged.values())
 
 
-def exposition(router: CollectorRegistry, families_by_phase: dict[str, list[Metric]]) -> bytes:
-    """The text of `GET /metrics`: the Router's registry and every phase's families."""
+def exposition(router: CollectorRegistry, families_by_engine: dict[Any, list[Metric]]) -> bytes:
+    """The text of `GET /metrics`: the Router's registry and every engine's families."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families([*router.collect(), *with_phase(families_by_phase)]))
+    registry.register(_Families([*router.collect(), *with_phase(families_by_engine)]))
     return generate_latest(registry)
 

@@ -55,21 +55,21 @@ class RouterTelemetry:
     def set_waiting(self, num_waiting: int) -> None:
         self.metrics.waiting.set(num_waiting)
 
-    async def scrape(self, servers: dict[str, Any]) -> bytes:
-        """`GET /metrics`: this registry plus each phase's server families (`servers`:
-        phase -> deployment handle); a server that does not answer is left out this time."""
+    async def scrape(self, servers: dict[tuple[str, str], Any]) -> bytes:
+        """`GET /metrics`: this registry plus each engine's server families (`servers`:
+        (phase, pair) -> its server's handle); a server that does not answer is left out."""
         timeout = self.cfg.telemetry.metrics.engine_timeout_s
-        phases = list(servers)
+        engines = list(servers)
         answers = await asyncio.gather(
-            *(asyncio.wait_for(servers[p].metrics.remote(), timeout) for p in phases),
+            *(asyncio.wait_for(servers[e].metrics.remote(), timeout) for e in engines),
             return_exceptions=True,
         )
         families = {}
-        for phase, answer in zip(phases, answers, strict=True):
+        for (phase, pair), answer in zip(engines, answers, strict=True):
             is_up = not isinstance(answer, BaseException)
-            self.metrics.engine_up.labels(phase).set(1 if is_up else 0)
+            self.metrics.engine_up.labels(phase, pair).set(1 if is_up else 0)
             if is_up:
-                families[phase] = answer
+                families[(phase, pair)] = answer
         return exposition(self.metrics.registry, families)
 
 
