@@ -69,9 +69,29 @@ class PairRequestRouter(RequestRouter):
             chosen = [r for r in candidate_replicas if r.node_id == node_id]
         else:
             chosen = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
-        if not chosen and pending_request is not None:
-            pending_request.routing_context.should_backoff = True  # else Serve retries at once
+        if pending_request is not None:
+            # This is the whole choice: if the replica is busy or not there yet, Serve must
+            # back off before asking again, not retry in a tight loop on the router's thread.
+            pending_request.routing_context.should_backoff = True
         return [chosen] if chosen else []
+
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: Any = None
+    ) -> None:
+        """Give `replica` to the oldest waiting call that may run there (no pair, or its pair
+        is the replica's node). Serve's default gives it to the call with the chooser's
+        internal request id, which every call made while serving one request shares (the
+        router's probes and a request's prefill and decode calls): all but one would wait."""
+        for pending in self._pending_requests_to_fulfill:
+            node_id = pending.metadata.multiplexed_model_id
+            if pending.future.done() or (node_id and node_id != replica.node_id):
+                continue
+            self._pending_requests_to_fulfill.remove(pending)
+            self._cancel_routing_task_for_pending_request(pending)
+            self._record_queue_wait_time(pending)
+            pending.future.set_result(replica)
+            self._remove_pending_request_from_indices(pending)
+            return
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

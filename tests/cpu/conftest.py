@@ -83,7 +83,8 @@ def http_port(ray_cluster: None) -> int:
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One HTTP proxy, on the head: the tests that add a second node run it on this machine too.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     return port
 
 
