@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cpu.conftest import MODEL_NAME, TEST_PORT_BASE, TINY_MODEL, app_args, free_port
+from tests.cpu.conftest import MODEL_NAME, TEST_PORT_BASE, TINY_MODEL, app_args
 
 PROMPTS = [
     "The capital of France is",
@@ -39,38 +39,28 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def second_node(ray_cluster: None) -> Iterator[str]:
-    """A second Ray node with one logical GPU, joined to the session's cluster; stopped (by
-    the pid of its `ray start --block`) when the module is done."""
+    """A second Ray node with one logical GPU, joined to the session's cluster on 127.0.0.1 as
+    Ray's own `cluster_utils.Cluster.add_node` joins one (`ray start` would not: with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses to join, and with 1 it dials the GCS on the
+    machine's other address); its processes are stopped when the module is done."""
     import ray
+    from ray._private.node import Node
+    from ray._private.parameter import RayParams
 
-    ray_bin = Path(sys.executable).with_name("ray")
-    ports = [free_port() for _ in range(5)]
-    process = subprocess.Popen(
-        [str(ray_bin), "start", "--block", f"--address={ray.get_runtime_context().gcs_address}",
-         "--node-ip-address=127.0.0.1", "--num-gpus=1", "--num-cpus=1",
-         "--object-store-memory=100000000", f"--node-manager-port={ports[0]}",
-         f"--object-manager-port={ports[1]}", f"--metrics-export-port={ports[2]}",
-         f"--dashboard-agent-listen-port={ports[3]}", f"--runtime-env-agent-port={ports[4]}",
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    params = RayParams(
+        gcs_address=ray.get_runtime_context().gcs_address, node_ip_address="127.0.0.1",
+        num_cpus=1, num_gpus=1, object_store_memory=100 * 1024 * 1024, min_worker_port=0,
+        max_worker_port=0, include_log_monitor=False, node_manager_port=0,
     )
+    params.dashboard_agent_listen_port = None  # a free one, not the head's
+    node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
     head = ray.get_runtime_context().get_node_id()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
-        if others:
-            break
+    deadline = time.monotonic() + 60
+    while not (others := [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]):
+        assert time.monotonic() < deadline, "the second Ray node did not join"
         time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the second Ray node did not join")
     yield others[0]["NodeID"]
-    process.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
 
 
 def test_plain_fractional_gpus_can_leave_a_prefill_without_a_gpu(second_node: str) -> None:
@@ -225,3 +215,40 @@ def test_a_pairs_dead_decode_sends_its_traffic_elsewhere(
         time.sleep(2)
     else:
         pytest.fail(f"traffic did not return to both pairs: {routes}")
+
+
+HANDLE_SCRIPT = """
+import json, sys
+{prelude}
+from serve_app.handle import app_handle
+router = app_handle("pairs", address=sys.argv[1])
+body = {{"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0.0}}
+print(json.dumps(router.completions.remote(body).result(timeout_s=120)))
+"""
+
+
+def run_handle_script(prelude: str) -> subprocess.CompletedProcess:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    return subprocess.run(
+        [sys.executable, "-c", HANDLE_SCRIPT.format(prelude=prelude),
+         ray.get_runtime_context().gcs_address],
+        capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2],
+    )
+
+
+def test_a_script_on_this_machine_reaches_the_app_through_a_handle(
+    pairs_app: dict[str, Any]
+) -> None:
+    """The README's snippet, run as written in a fresh process whose environment lacks
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: it answers; with Ray imported first, it fails at once
+    naming the fix instead of hanging."""
+    done = run_handle_script("")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["usage"]["completion_tokens"] == 4
+    started = time.monotonic()
+    failed = run_handle_script("import ray")
+    assert failed.returncode != 0
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in failed.stderr
+    assert time.monotonic() - started < 60

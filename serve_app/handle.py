@@ -1,0 +1,55 @@
+"""Reach a running app from another Python process on the same machine, through a handle.
+
+    from serve_app.handle import app_handle
+    router = app_handle("pd")
+
+The local cluster (`make run`) listens on 127.0.0.1 only. A process whose Ray is imported without
+`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment rewrites 127.0.0.1 to the machine's other
+address and dials the GCS there, where nothing listens: `serve.get_app_handle` then hangs.
+`app_handle` sets the variable while Ray is not imported yet and connects on loopback; where Ray
+was imported first without it, it fails at once and says what to set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class LoopbackClusterError(RuntimeError):
+    """Ray was imported in a way that cannot reach a loopback-only cluster."""
+
+
+def app_handle(name: str = "pd", address: str = "auto") -> Any:
+    """The Router handle of the app `name` on the local cluster (`address`: `auto`, or the
+    GCS `host:port`). Connects this process to Ray if it is not connected yet."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault(ENV, "0")
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        check_loopback_reachable(address)
+        ray.init(address=address, log_to_driver=False)
+    return serve.get_app_handle(name)
+
+
+def check_loopback_reachable(address: str) -> None:
+    """Raise `LoopbackClusterError` naming the fix if this process's Ray would dial the
+    machine's other address for a cluster on 127.0.0.1 (`address`, or the one Ray last
+    started on this machine for `auto`)."""
+    from ray._private import ray_constants
+    from ray._private.utils import read_ray_address
+
+    target = (read_ray_address() or "") if address == "auto" else address
+    is_loopback = target.startswith(("127.", "localhost"))
+    if is_loopback and ray_constants.ENABLE_RAY_CLUSTER:
+        raise LoopbackClusterError(
+            f"this process imported Ray without {ENV}=0, so it would dial this machine's "
+            "other address for the local (127.0.0.1-only) cluster and hang: run it with "
+            f"{ENV}=0 in its environment, or call serve_app.handle.app_handle before "
+            "importing ray"
+        )
