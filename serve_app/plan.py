@@ -487,8 +487,8 @@ def _gib(num_bytes: int) -> str:
     return f"{num_bytes / GIB:.2f} GiB"
 
 
-def format_table(plan: SplitPlan) -> str:
-    """The human-readable report."""
+def format_table(plan: SplitPlan, num_pairs: int = 1) -> str:
+    """The human-readable report: one pair on one GPU, then `num_pairs` pairs' totals."""
     model = plan.model
     rows = [
         ("memory share", lambda e: f"{e.memory_share:g}"),
@@ -507,7 +507,7 @@ def format_table(plan: SplitPlan) -> str:
         f"GPU        {_gib(plan.gpu_memory_bytes)}",
         f"KV cache   {kv_dtype}, {plan.kv_bytes_per_token:,} B/token, block {plan.block_size}",
         "",
-        f"{'':<20}{'prefill':>14}{'decode':>14}",
+        f"{'one pair, one GPU':<20}{'prefill':>14}{'decode':>14}",
     ]
     lines += [f"{label:<20}{cell(plan.prefill):>14}{cell(plan.decode):>14}" for label, cell in rows]
     lines += [
@@ -518,6 +518,13 @@ def format_table(plan: SplitPlan) -> str:
         f"(share {plan.total_share:.2f}, limit {plan.max_total_share:g}), "
         f"free {_gib(plan.free_bytes)}",
     ]
+    if num_pairs > 1:
+        totals = cluster_totals(plan, num_pairs)
+        lines.append(
+            f"cluster: {num_pairs} pairs on {num_pairs} GPUs: KV tokens prefill "
+            f"{totals['prefill_kv_tokens']:,}, decode {totals['decode_kv_tokens']:,}; decode "
+            f"max seqs @ {plan.context_len} {totals['decode_max_seqs']:,}"
+        )
     return "\n".join(lines)
 
 
@@ -545,6 +552,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-total-share", type=float, default=DEFAULT_MAX_TOTAL_SHARE)
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    parser.add_argument(
+        "--pairs", type=int, default=1, help="pairs in the cluster, one per GPU: adds totals"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -578,8 +588,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _refuse(str(error), args.json, exit_code=1)
     except ValueError as error:
         return _refuse(str(error), args.json, exit_code=2)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_table(plan))
+    if args.pairs < 1:
+        return _refuse(f"--pairs must be at least 1, got {args.pairs}", args.json, exit_code=2)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "cluster": cluster_totals(plan, args.pairs)}, indent=2))
+    else:
+        print(format_table(plan, args.pairs))
     return 0
+
+
+def cluster_totals(plan: SplitPlan, num_pairs: int) -> dict[str, int]:
+    """What `num_pairs` pairs, one per GPU, hold together (the plan is one GPU's)."""
+    return {
+        "pairs": num_pairs,
+        "gpus": num_pairs,
+        "gpu_memory_bytes": plan.gpu_memory_bytes * num_pairs,
+        "prefill_kv_tokens": plan.prefill.num_kv_tokens * num_pairs,
+        "decode_kv_tokens": plan.decode.num_kv_tokens * num_pairs,
+        "decode_max_seqs": plan.decode.max_num_seqs * num_pairs,
+    }
 
 
 def _refuse(message: str, as_json: bool, exit_code: int) -> int:

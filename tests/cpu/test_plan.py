@@ -268,3 +268,15 @@ def test_cli_refusal_exits_non_zero_with_the_reason() -> None:
 def test_cli_bad_arguments_exit_2() -> None:
     assert run_cli("no-such-model").returncode == 2
     assert run_cli("llama-3.1-8b", "--gpu", "h100-80gb", "--gpu-memory-gib", "80").returncode == 2
+
+
+def test_cli_speaks_in_pairs_and_cluster_totals() -> None:
+    one = json.loads(run_cli("llama-3.1-8b", "--gpu", "h100-80gb", "--json").stdout)
+    eight = json.loads(run_cli("llama-3.1-8b", "--gpu", "h100-80gb", "--pairs", "8", "--json").stdout)
+    assert eight["decode"] == one["decode"]  # the plan is one pair's, on one GPU
+    assert eight["cluster"]["gpus"] == 8
+    assert eight["cluster"]["decode_kv_tokens"] == 8 * one["decode"]["num_kv_tokens"]
+    assert eight["cluster"]["decode_max_seqs"] == 8 * one["decode"]["max_num_seqs"]
+    table = run_cli("llama-3.1-8b", "--gpu", "h100-80gb", "--pairs", "8").stdout
+    assert "one pair, one GPU" in table and "cluster: 8 pairs on 8 GPUs" in table
+    assert run_cli("llama-3.1-8b", "--pairs", "0").returncode == 2
