@@ -11,9 +11,9 @@ The steps of one request (`Router._run`), each decision a named call into `polic
 3. Count: the prompt is tokenized once, here (`prompt_tokens.py`); the ids travel on, so no
    engine tokenizes it again.
 4. Route: a pair (one prefill and one decode engine on one GPU, `policy/pairs.py`: the less
-   loaded of two), then disaggregated, decode-only (short prompt, prefill backlog, prefill down, KV layouts
-   that disagree) or prefill-only (decode down) (`policy/route.py`). The decision goes back in
-   the `x-pd-route` header.
+   loaded of two whole pairs), then within it disaggregated, decode-only (short prompt, prefill
+   backlog, prefill down, KV layouts that disagree) or prefill-only (decode down)
+   (`policy/route.py`). The decisions go back in the `x-pd-pair` and `x-pd-route` headers.
 5. Prefill: the PrefillServer runs a copy of the request with `max_tokens=1` and
    `kv_transfer_params={"do_remote_decode": true}`; it returns where the prompt's KV blocks wait.
    A client error there (prompt too long, ...) goes back to the client as is. A server failure
@@ -246,8 +246,9 @@ class Router:
 
     @fastapi_app.get("/health")
     async def http_health(self) -> Response:
-        """200 while some engine can serve (the router routes around the other one), with each
-        engine's state; 503 when none can. Probes both now, not from memory."""
+        """200 while some engine can serve (the router routes around the others), with each
+        phase's and each pair's engine state; 503 when none can. Probes them all now, not from
+        memory."""
         self._ensure_monitor()
         await self._discover()
         timeout_s = self.cfg.router.health_timeout_s
@@ -270,7 +271,8 @@ class Router:
 
     @fastapi_app.get("/metrics")
     async def http_metrics(self) -> Response:
-        """Prometheus text: the Router's metrics and each engine's vLLM metrics (`phase`)."""
+        """Prometheus text: the Router's metrics and each engine's vLLM metrics (`phase`,
+        `pair`)."""
         self.telemetry.set_waiting(self.admission.num_waiting)
         await self._discover()
         servers = {
@@ -345,6 +347,7 @@ class Router:
         except Rejection as rejection:
             self.telemetry.shed(endpoint, "no_engine" if rejection.status == 503 else "capacity")
             return _Outcome.rejected(rejection)
+        release: Callable[[], None] = slot.release
         try:
             request = self._validate(endpoint, body)
             if isinstance(request, _Outcome):
@@ -361,7 +364,7 @@ class Router:
             current_request().routed(decision.route.value, decision.reason.value)
             outcome = await self._serve(pair, endpoint, request, decision)
         except BaseException:
-            slot.release()
+            release()
             raise
         outcome.headers["x-pd-pair"] = pair.name
         if outcome.stream is None:
