@@ -191,6 +191,9 @@ def _nodes_of(handle: Any) -> set[str]:
     return set(replica_nodes(handle.app_name, handle.deployment_name).values())
 
 
+RELEASE_TIMEOUT_S = 60.0
+"""A release of prefill's blocks gives up after this; the KV lease frees them anyway."""
+
 DISCOVERY_WAIT_S = 10.0
 """How long a request waits for the router to learn its first pair (just after a start)."""
 
@@ -529,7 +532,7 @@ class Router:
         first, stream = await self._first_item(pair, phase, endpoint, request, result)
         if isinstance(first, BaseException):
             if result is not None:
-                await self._release(pair, request_id, result)
+                self._release_soon(pair, request_id, result)
             other = _other(phase)
             if not pair.is_up(other):
                 return _Outcome.error(
@@ -740,15 +743,22 @@ class Router:
             await relay.aclose()
             if not started:
                 # Decode may never have seen the request (client gone, decode failed):
-                # free prefill's blocks now. Not awaited: this may run in a cancelled task.
-                task = asyncio.ensure_future(self._release(pair, request_id, result))
-                self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                # free prefill's blocks now.
+                self._release_soon(pair, request_id, result)
+
+    def _release_soon(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
+        """Free prefill's blocks of a request decode will not read, in the background: this
+        may run in a cancelled task, and a call to a dead decode waits for its replacement
+        (the request must not wait with it)."""
+        task = asyncio.ensure_future(self._release(pair, request_id, result))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _release(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
         try:
             decode = pair.server("decode")
-            await decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
+            call = decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
+            await asyncio.wait_for(call, RELEASE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - best effort; the lease frees them later anyway
             logger.warning("could not release prefill blocks of %s", request_id, exc_info=True)
 

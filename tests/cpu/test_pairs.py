@@ -7,6 +7,8 @@ this machine, both on 127.0.0.1), two pairs of tiny engines, one per node.
 3. Requests spread over both pairs; greedy outputs equal one engine's on each.
 4. One pair's decode killed: requests sent after it are all answered (the other pair, or the
    first pair's prefill engine whole), and traffic returns to the pair once decode is back.
+   Two Router replicas serve throughout, each with its own view of the pairs.
+5. A script on this machine reaches the app through a handle as the README shows.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def pairs_app(tiny_model: Any, http_port: int, second_node: str) -> Iterator[dic
     args["prefill"]["nixl_side_channel_port"] = TEST_PORT_BASE + 40
     args["decode"]["nixl_side_channel_port"] = TEST_PORT_BASE + 50
     args["router"]["failover"] = {"probe_period_s": 0.25, "probe_timeout_s": 2.0}
+    args["router"]["num_replicas"] = 2  # each Router learns and probes the pairs on its own
     started = time.monotonic()
     serve.run(build_app(args), name="pairs", route_prefix="/pairs")
     print(f"two pairs started in {time.monotonic() - started:.0f} s")
@@ -197,6 +200,7 @@ def test_a_pairs_dead_decode_sends_its_traffic_elsewhere(
     answers: list[httpx.Response] = []
     while time.monotonic() - killed_at < 15:
         answers.append(complete(url, PROMPTS[len(answers) % len(PROMPTS)]))
+    print(f"slowest after the kill: {max(r.elapsed.total_seconds() for r in answers):.1f} s")
     print(f"{len(answers)} requests after the kill: "
           f"{Counter((r.headers.get('x-pd-pair'), r.headers.get('x-pd-route')) for r in answers)}")
     assert [r.status_code for r in answers] == [200] * len(answers)
