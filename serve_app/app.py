@@ -16,7 +16,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from serve_app.config import AppConfig
-from serve_app.pairs import check_cluster_holds
+from serve_app.pairs import REQUEST_ROUTER, check_cluster_holds
 from serve_app.partition import phase_actor_options
 from serve_app.router import Router
 from serve_app.servers import DecodeServer, PrefillServer
@@ -24,7 +24,7 @@ from serve_app.servers import DecodeServer, PrefillServer
 # The servers' calls come from the Router (requests, and its health probes twice a second): the
 # Router's access log is the one that tells what clients did.
 SERVER_LOGGING = {"enable_access_log": False}
-PAIR_ROUTER = RequestRouterConfig(request_router_class="serve_app.pairs:PairRequestRouter")
+PAIR_ROUTER = RequestRouterConfig(request_router_class=REQUEST_ROUTER)
 
 
 def _server_options(cfg: AppConfig, role: str) -> dict[str, Any]:

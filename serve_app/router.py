@@ -361,6 +361,7 @@ class Router:
             pair = self.pairs.choose(self._is_pair_full)
             if pair is None:  # every engine went down since admission
                 slot.release()
+                self.telemetry.shed(endpoint, "no_engine")
                 return _Outcome.rejected(self._no_engine())
             release = self._assign(pair, slot)
             decision = self._route(pair, request, num_prompt_tokens)

@@ -30,7 +30,14 @@ from ray import serve
 from serve_app.config import AppConfig, EngineUpdate
 from serve_app.ops.telemetry import ServerTelemetry
 from serve_app.ops.tracing import end as end_span
-from serve_app.pairs import PairSplit, Placement, check_same_gpu, current_placement, on_pair
+from serve_app.pairs import (
+    PairSplit,
+    Placement,
+    check_same_gpu,
+    current_placement,
+    on_pair,
+    replica_nodes,
+)
 from serve_app.protocol import Endpoint, KVTransferParams, PrefillResult
 from serve_app.streams import coalesce_ready
 
@@ -168,12 +175,9 @@ class _EngineServer:
         if not self.restarting:
             await self.engine.check_health()
 
-    async def wait_started(self) -> bool:
-        """Returns once this replica's engine is up (Serve routes no call before that)."""
-        return True
-
     async def placement(self) -> Placement:
-        """Where this replica runs (node, GPU); like `wait_started`, only once it is up."""
+        """Where this replica runs (node, GPU). Answers once the engine is up: Serve routes
+        no call to a replica before its constructor returns."""
         return current_placement()
 
     async def list_models(self) -> dict[str, Any]:
@@ -282,8 +286,6 @@ class _EngineServer:
 async def _prefill_of_node(prefill: Any, here: Placement, num_pairs: int) -> Placement:
     """The placement of the prefill replica on this node, once its engine is up. Raises
     `PairSplit` as soon as every prefill replica runs and none on this node."""
-    from serve_app.pairs import replica_nodes
-
     call = asyncio.ensure_future(on_pair(prefill, here.node_id).placement.remote())
     deadline = time.monotonic() + START_WAIT_S
     try:

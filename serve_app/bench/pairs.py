@@ -42,25 +42,40 @@ def _parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def start_cluster() -> Any:
-    """This process's Ray head and a second node, each with one logical GPU, on 127.0.0.1."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+def join_loopback_node(timeout_s: float = 60.0) -> tuple[Any, str]:
+    """A second Ray node with one logical GPU, joined to this process's cluster on 127.0.0.1 as
+    Ray's own `cluster_utils.Cluster.add_node` joins one (`ray start` would not: with
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses to join, and with 1 it dials the GCS on the
+    machine's other address). Returns the node (`kill_all_processes` stops it) and its id."""
     import ray
     from ray._private.node import Node
     from ray._private.parameter import RayParams
 
-    ray.init(address="local", num_gpus=1, num_cpus=2, _node_ip_address="127.0.0.1",
-             include_dashboard=False, log_to_driver=False)
     params = RayParams(
         gcs_address=ray.get_runtime_context().gcs_address, node_ip_address="127.0.0.1",
         num_cpus=1, num_gpus=1, object_store_memory=100 * 1024 * 1024, min_worker_port=0,
         max_worker_port=0, include_log_monitor=False, node_manager_port=0,
     )
-    params.dashboard_agent_listen_port = None
+    params.dashboard_agent_listen_port = None  # a free one, not the head's
     node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
-    while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    head = ray.get_runtime_context().get_node_id()
+    deadline = time.monotonic() + timeout_s
+    while not (others := [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]):
+        if time.monotonic() > deadline:
+            node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+            raise TimeoutError(f"the second Ray node did not join in {timeout_s:g} s")
         time.sleep(0.5)
-    return node
+    return node, others[0]["NodeID"]
+
+
+def start_cluster() -> Any:
+    """This process's Ray head and a second node, each with one logical GPU, on 127.0.0.1."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(address="local", num_gpus=1, num_cpus=2, _node_ip_address="127.0.0.1",
+             include_dashboard=False, log_to_driver=False)
+    return join_loopback_node()[0]
 
 
 async def _load(url: str, num: int, concurrency: int, max_tokens: int) -> dict[str, Any]:

@@ -78,9 +78,6 @@ class PairSet:
     def __iter__(self):
         return iter(list(self.pairs.values()))
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
     def refresh(self, nodes_of: Callable[[Any], set[str]], bind: Callable[[Any, str], Any]) -> None:
         """Meet the pairs of nodes that gained a replica, forget nodes with none; a phase whose
         replica left a node is down there (`nodes_of(handle)`: the nodes of its replicas;

@@ -41,27 +41,12 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def second_node(ray_cluster: None) -> Iterator[str]:
-    """A second Ray node with one logical GPU, joined to the session's cluster on 127.0.0.1 as
-    Ray's own `cluster_utils.Cluster.add_node` joins one (`ray start` would not: with
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses to join, and with 1 it dials the GCS on the
-    machine's other address); its processes are stopped when the module is done."""
-    import ray
-    from ray._private.node import Node
-    from ray._private.parameter import RayParams
+    """A second Ray node with one logical GPU, joined to the session's cluster on 127.0.0.1;
+    its processes are stopped when the module is done."""
+    from serve_app.bench.pairs import join_loopback_node
 
-    params = RayParams(
-        gcs_address=ray.get_runtime_context().gcs_address, node_ip_address="127.0.0.1",
-        num_cpus=1, num_gpus=1, object_store_memory=100 * 1024 * 1024, min_worker_port=0,
-        max_worker_port=0, include_log_monitor=False, node_manager_port=0,
-    )
-    params.dashboard_agent_listen_port = None  # a free one, not the head's
-    node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
-    head = ray.get_runtime_context().get_node_id()
-    deadline = time.monotonic() + 60
-    while not (others := [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]):
-        assert time.monotonic() < deadline, "the second Ray node did not join"
-        time.sleep(0.5)
-    yield others[0]["NodeID"]
+    node, node_id = join_loopback_node()
+    yield node_id
     node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
 
 
