@@ -216,6 +216,10 @@ class RoutingConfig(_Strict):
     """Prompts with fewer tokens run decode-local. None derives it: on the CPU build 256 (chosen,
     not yet swept); on a GPU the prompt decode can prefill within `local_prefill_budget_ms` at
     its SM share (0 disaggregates every prompt)."""
+    short_output_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    """Requests asking for at most this many tokens (`max_tokens`, `max_completion_tokens`)
+    run whole on prefill, with no handoff. None derives it: on the CPU build 16 (measured), on a
+    GPU 1 (a one-token request gains nothing from decode); 0 turns the rule off."""
     local_prefill_budget_ms: float = Field(default=20.0, gt=0.0, le=10_000.0)
     """GPU only: how long one local prefill may stall decode's running streams."""
     decode_peak_tflops: float = Field(default=989.0, gt=0.0)

@@ -105,6 +105,16 @@ def can_disaggregate(request: Any) -> bool:
     return not (isinstance(prompt, list) and len(prompt) > 1 and not isinstance(prompt[0], int))
 
 
+def max_output_tokens(request: Any) -> int | None:
+    """The most tokens the request asks for (chat: `max_completion_tokens`, else `max_tokens`);
+    None when it leaves that to the context length."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(request, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def copy_request(request: Any, **updates: Any) -> Any:
     """A copy of `request` with `updates` applied, skipping fields its model does not have."""
     fields = type(request).model_fields

@@ -12,7 +12,8 @@ The steps of one request (`Router._run`), each decision a named call into `polic
    engine tokenizes it again.
 4. Route: a pair (one prefill and one decode engine on one GPU, `policy/pairs.py`: the less
    loaded of two whole pairs), then within it disaggregated, decode-only (short prompt, prefill
-   backlog, prefill down, KV layouts that disagree) or prefill-only (decode down)
+   backlog, prefill down, KV layouts that disagree) or prefill-only (a few output tokens, decode
+   down)
    (`policy/route.py`). The decisions go back in the `x-pd-pair` and `x-pd-route` headers.
 5. Prefill: the PrefillServer runs a copy of the request with `max_tokens=1` and
    `kv_transfer_params={"do_remote_decode": true}`; it returns where the prompt's KV blocks wait.
@@ -70,6 +71,7 @@ from serve_app.policy.route import (
     RouteDecision,
     RoutePolicy,
     fallback,
+    short_output_tokens,
     short_prompt_tokens,
 )
 from serve_app.prompt_tokens import PromptTokens
@@ -78,6 +80,7 @@ from serve_app.protocol import (
     PrefillResult,
     RequestError,
     can_disaggregate,
+    max_output_tokens,
     prepare_decode_request,
     prepare_prefill_request,
 )
@@ -222,7 +225,9 @@ class Router:
         )
         self.prompt_tokens = PromptTokens(self.cfg.model.tokenizer_source)
         self.route_policy = RoutePolicy(
-            self.cfg.router.routing, short_prompt_tokens(self.cfg, _num_params(self.cfg))
+            self.cfg.router.routing,
+            short_prompt_tokens(self.cfg, _num_params(self.cfg)),
+            short_output_tokens(self.cfg),
         )
         self.stalls = LoopStalls()
         phases = {"decode": decode} if prefill is None else {"prefill": prefill, "decode": decode}
@@ -443,7 +448,9 @@ class Router:
             num_prefill_queued=pair.num_queued["prefill"],
             num_decode_queued=pair.num_queued["decode"] + decode.num_waiting_reqs,
         )
-        return self.route_policy.decide(num_prompt_tokens, can_disaggregate(request), view)
+        return self.route_policy.decide(
+            num_prompt_tokens, can_disaggregate(request), view, max_output_tokens(request)
+        )
 
     async def _serve(
         self, pair: Pair, endpoint: Endpoint, request: Any, decision: RouteDecision

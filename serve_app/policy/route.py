@@ -16,7 +16,11 @@ The rules, in order (`RoutePolicy.decide`):
 4. Load: prefill's queue far deeper than decode's (`prefill_backlog_ratio` times, and at least
    `prefill_backlog_min` requests) and the prompt no longer than `backlog_local_max_tokens` ->
    `decode_only`: decode computes it now instead of after the backlog.
-5. Otherwise `disaggregated`.
+5. Output: a request that asks for at most `short_output_tokens` tokens -> `prefill_only`. The
+   handoff is paid once per request and buys an undisturbed decode for its output tokens; for a
+   few tokens it costs more than it buys (a `max_tokens=1` request gains nothing from decode at
+   all), so the engine that computed the prompt finishes it, and decode's batch never sees it.
+6. Otherwise `disaggregated`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ from serve_app.config import AppConfig, RoutingConfig
 # prefill hop and the NIXL read cost ~25-30 ms, about what decode spends computing a prompt of a
 # few hundred tokens; a sweep of the threshold on the mixed workload is still to be done.
 CPU_SHORT_PROMPT_TOKENS = 256
+# Measured on the 2-core machine (README, "Conditional disaggregation"): see `short_output_tokens`.
+CPU_SHORT_OUTPUT_TOKENS = 16
+# On a GPU only what needs no measurement: a one-token request gains nothing from decode (its
+# token is prefill's own); the GPU campaign's handoff time is what would move it.
+GPU_SHORT_OUTPUT_TOKENS = 1
 # Share of the peak a prefill reaches (large GEMMs): converts peak FLOP/s into tokens/s.
 PREFILL_MFU = 0.5
 
@@ -44,6 +53,7 @@ class Route(str, enum.Enum):
 class Reason(str, enum.Enum):
     LONG_PROMPT = "long_prompt"
     SHORT_PROMPT = "short_prompt"
+    SHORT_OUTPUT = "short_output"
     PREFILL_BACKLOG = "prefill_backlog"
     PREFILL_DOWN = "prefill_down"
     DECODE_DOWN = "decode_down"
@@ -82,16 +92,26 @@ UNIFIED = RouteDecision(Route.UNIFIED, Reason.UNIFIED)
 
 
 class RoutePolicy:
-    def __init__(self, cfg: RoutingConfig, short_prompt_tokens: int) -> None:
+    def __init__(
+        self, cfg: RoutingConfig, short_prompt_tokens: int, short_output_tokens: int = 0
+    ) -> None:
         self.cfg = cfg
         self.short_prompt_tokens = short_prompt_tokens
+        self.short_output_tokens = short_output_tokens
         self.backlog_local_max_tokens = (
             cfg.backlog_local_max_tokens
             if cfg.backlog_local_max_tokens is not None
             else 4 * short_prompt_tokens
         )
 
-    def decide(self, num_prompt_tokens: int, is_splittable: bool, view: PhaseView) -> RouteDecision:
+    def decide(
+        self,
+        num_prompt_tokens: int,
+        is_splittable: bool,
+        view: PhaseView,
+        max_output_tokens: int | None = None,
+    ) -> RouteDecision:
+        """`max_output_tokens`: the request's own cap (None: as many as the context allows)."""
         if not view.is_decode_up:
             return RouteDecision(Route.PREFILL_ONLY, Reason.DECODE_DOWN)
         if not view.is_prefill_up:
@@ -106,6 +126,8 @@ class RoutePolicy:
             return RouteDecision(Route.DECODE_ONLY, Reason.SHORT_PROMPT)
         if num_prompt_tokens <= self.backlog_local_max_tokens and self._is_backlogged(view):
             return RouteDecision(Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
+        if max_output_tokens is not None and max_output_tokens <= self.short_output_tokens:
+            return RouteDecision(Route.PREFILL_ONLY, Reason.SHORT_OUTPUT)
         return RouteDecision(Route.DISAGGREGATED, Reason.LONG_PROMPT)
 
     def _is_backlogged(self, view: PhaseView) -> bool:
@@ -125,6 +147,14 @@ def short_prompt_tokens(cfg: AppConfig, num_params: int | None) -> int:
     share = (cfg.decode.sm_percentage or 100) / 100
     tokens_per_s = routing.decode_peak_tflops * 1e12 * share * PREFILL_MFU / (2 * num_params)
     return int(tokens_per_s * routing.local_prefill_budget_ms / 1000)
+
+
+def short_output_tokens(cfg: AppConfig) -> int:
+    """The configured threshold, or the derived default (see `RoutingConfig`)."""
+    routing = cfg.router.routing
+    if routing.short_output_tokens is not None:
+        return routing.short_output_tokens
+    return CPU_SHORT_OUTPUT_TOKENS if cfg.device == "cpu" else GPU_SHORT_OUTPUT_TOKENS
 
 
 def fallback() -> RouteDecision:

@@ -12,11 +12,14 @@ from serve_app.policy.admission import Admission
 from serve_app.policy.errors import Rejection
 from serve_app.policy.health import LoopStalls, PhaseHealth, is_compatible
 from serve_app.policy.route import (
+    CPU_SHORT_OUTPUT_TOKENS,
     CPU_SHORT_PROMPT_TOKENS,
+    GPU_SHORT_OUTPUT_TOKENS,
     PhaseView,
     Reason,
     Route,
     RoutePolicy,
+    short_output_tokens,
     short_prompt_tokens,
 )
 
@@ -72,6 +75,28 @@ def test_load_rule_flips_a_mid_prompt_under_a_prefill_backlog() -> None:
     assert rules.decide(1025, True, backlog).route is Route.DISAGGREGATED
 
 
+def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
+    """A long prompt asking for at most `short_output_tokens` runs whole on prefill; one asking
+    for more, or leaving its length to the context, is disaggregated. The rules before it win."""
+    rules = RoutePolicy(RoutingConfig(), short_prompt_tokens=256, short_output_tokens=16)
+    few = rules.decide(5000, True, IDLE, max_output_tokens=16)
+    assert (few.route, few.reason) == (Route.PREFILL_ONLY, Reason.SHORT_OUTPUT)
+    assert few.header == "prefill_only; reason=short_output"
+    assert rules.decide(5000, True, IDLE, max_output_tokens=17).route is Route.DISAGGREGATED
+    assert rules.decide(5000, True, IDLE, max_output_tokens=None).route is Route.DISAGGREGATED
+    # A short prompt stays on decode, a backlog's mid prompt too, a dead prefill wins.
+    assert rules.decide(10, True, IDLE, max_output_tokens=1).reason is Reason.SHORT_PROMPT
+    backlog = PhaseView(num_prefill_queued=8)
+    assert rules.decide(600, True, backlog, max_output_tokens=1).reason is Reason.PREFILL_BACKLOG
+    down = PhaseView(is_prefill_up=False)
+    assert rules.decide(5000, True, down, max_output_tokens=1).reason is Reason.PREFILL_DOWN
+    # Off: 0, and with conditional routing off every request goes through prefill and decode.
+    off = RoutePolicy(RoutingConfig(), short_prompt_tokens=256, short_output_tokens=0)
+    assert off.decide(5000, True, IDLE, max_output_tokens=1).route is Route.DISAGGREGATED
+    always = RoutePolicy(RoutingConfig(conditional=False), 256, short_output_tokens=16)
+    assert always.decide(5000, True, IDLE, max_output_tokens=1).route is Route.DISAGGREGATED
+
+
 def test_threshold_defaults() -> None:
     cpu = AppConfig()
     assert short_prompt_tokens(cpu, num_params=8_000_000_000) == CPU_SHORT_PROMPT_TOKENS
@@ -82,6 +107,10 @@ def test_threshold_defaults() -> None:
     )
     # 989 TFLOP/s x 20% x 0.5 MFU / (2 x 8e9 FLOP/token) = 6,181 tokens/s; 20 ms of it.
     assert short_prompt_tokens(gpu, 8_000_000_000) == 123
+    assert short_output_tokens(cpu) == CPU_SHORT_OUTPUT_TOKENS
+    assert short_output_tokens(gpu) == GPU_SHORT_OUTPUT_TOKENS == 1
+    off = AppConfig.model_validate({"router": {"routing": {"short_output_tokens": 0}}})
+    assert short_output_tokens(off) == 0
 
 
 def test_routing_config_names_the_field() -> None:

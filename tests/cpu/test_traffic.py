@@ -21,6 +21,7 @@ import pytest
 from tests.cpu.conftest import MODEL_NAME, app_args
 
 SHORT_PROMPT_TOKENS = 64
+SHORT_OUTPUT_TOKENS = 4  # under the 8 tokens `completion` asks for
 MAX_IN_FLIGHT = 8
 LONG_PROMPT = " ".join(f"part {i} of the document" for i in range(60))  # ~300 tokens
 SHORT_PROMPT = "A short question?"
@@ -34,7 +35,11 @@ def app(tiny_model: Any, http_port: int) -> Iterator[dict[str, Any]]:
 
     router = app_args()["router"]
     router.update(
-        routing={"conditional": True, "short_prompt_tokens": SHORT_PROMPT_TOKENS},
+        routing={
+            "conditional": True,
+            "short_prompt_tokens": SHORT_PROMPT_TOKENS,
+            "short_output_tokens": SHORT_OUTPUT_TOKENS,
+        },
         admission={"max_in_flight": MAX_IN_FLIGHT, "max_waiting": 16, "max_wait_s": 10},
         failover={"probe_period_s": 0.25, "probe_timeout_s": 1.0},
     )
@@ -89,6 +94,27 @@ def test_short_prompt_runs_decode_local_and_long_one_disaggregated(app: dict[str
     while transfers(app) == before[1] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert transfers(app) == before[1] + 1
+
+
+def test_a_few_output_tokens_run_whole_on_prefill(app: dict[str, Any]) -> None:
+    """A long prompt asking for a few tokens runs on prefill alone (decode saw nothing, NIXL
+    moved nothing), streamed or not, with the greedy tokens of the disaggregated route."""
+    whole = httpx.post(app["url"], json=completion(LONG_PROMPT), timeout=60)
+    assert whole.headers["x-pd-route"] == "disaggregated; reason=long_prompt"
+    time.sleep(1.5)  # the engines' stats arrive with their next step's log interval
+    before = (prompt_tokens_seen(app, "decode"), transfers(app))
+    few = completion(LONG_PROMPT, max_tokens=SHORT_OUTPUT_TOKENS)
+    answer = httpx.post(app["url"], json=few, timeout=60)
+    assert answer.status_code == 200
+    assert answer.headers["x-pd-route"] == "prefill_only; reason=short_output"
+    assert answer.json()["usage"]["completion_tokens"] == SHORT_OUTPUT_TOKENS
+    text = answer.json()["choices"][0]["text"]
+    assert whole.json()["choices"][0]["text"].startswith(text)
+    with httpx.stream("POST", app["url"], json={**few, "stream": True}, timeout=60) as streamed:
+        assert streamed.headers["x-pd-route"] == "prefill_only; reason=short_output"
+        assert stream_text(streamed)[0] == text
+    time.sleep(1.5)
+    assert (prompt_tokens_seen(app, "decode"), transfers(app)) == before
 
 
 def test_load_rule_keeps_a_mid_prompt_local_under_a_prefill_backlog(app: dict[str, Any]) -> None:
