@@ -31,6 +31,9 @@ The steps of one request (`Router._run`), each decision a named call into `polic
    and decode makes the router release the blocks prefill holds for it, so nothing waits for a
    lease to expire.
 
+Steps 5 to 9 call the engines through `EngineCalls` (`engine_calls.py`); what one step hands
+the next (an error, one JSON body or an SSE stream) is an `Outcome` (`outcome.py`).
+
 Between requests the router probes every pair's engines (`_monitor`, `policy/health.py`), so a
 dead or restarting engine is routed around at once (new requests go to whole pairs, else to the
 surviving engine) and traffic returns when it answers again.
@@ -40,9 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -50,10 +51,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from serve_app import first_token, migration
+from serve_app import first_token
 from serve_app.config import AppConfig
+from serve_app.engine_calls import EngineCalls
 from serve_app.ops.metrics import CONTENT_TYPE
 from serve_app.ops.telemetry import RouterTelemetry, current_request
+from serve_app.outcome import Guarded, Outcome
 from serve_app.pairs import on_pair, replica_nodes
 from serve_app.policy import limits
 from serve_app.policy.admission import Admission, Slot
@@ -66,7 +69,6 @@ from serve_app.policy.pairs import Pair, PairSet
 from serve_app.policy.route import (
     UNIFIED,
     PhaseView,
-    Reason,
     Route,
     RouteDecision,
     RoutePolicy,
@@ -82,94 +84,10 @@ from serve_app.protocol import (
     can_disaggregate,
     max_output_tokens,
     prepare_decode_request,
-    prepare_prefill_request,
 )
 
-logger = logging.getLogger("ray.serve")
 fastapi_app = FastAPI(title="pd-serve")
 install_openai_errors(fastapi_app)  # every error OpenAI JSON: before Serve freezes the app
-
-
-class _Outcome:
-    """The result of running one request: an error, one JSON body, or an SSE stream."""
-
-    def __init__(
-        self,
-        status: int = 200,
-        body: dict | None = None,
-        stream: AsyncIterator[str] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.stream = stream
-        self.headers = headers or {}
-        self.cleanups: list[Callable[[], Any]] = []
-        """What must run once the stream is done with, even if it is never iterated."""
-
-    @classmethod
-    def error(cls, status: int, message: str, err_type: str, param: str | None = None):
-        return cls(status=status, body=error_body(status, message, err_type, param))
-
-    @classmethod
-    def rejected(cls, rejection: Rejection) -> _Outcome:
-        return cls(status=rejection.status, body=rejection.body, headers=rejection.headers)
-
-    @classmethod
-    def from_vllm(cls, response: Any) -> _Outcome:
-        body = response.model_dump(exclude_none=False)
-        error = body.get("error")
-        status = int(error.get("code") or 500) if error else 200
-        if not error:
-            body.pop("kv_transfer_params", None)
-        return cls(status=status, body=body)
-
-
-async def _forward(first: str, stream: Any) -> AsyncIterator[str]:
-    """Yield decode's SSE text; cancel decode's stream if the client goes away."""
-    try:
-        yield first
-        async for event in stream:
-            yield event
-    finally:
-        stream.cancel()
-
-
-class _Guarded:
-    """A response stream whose cleanups (the admission slot, the engine's stream) run once,
-    however it ends: exhausted, failed, closed, or never iterated at all (a client gone before
-    the first byte: Starlette then drops the iterator, and a generator that never started runs
-    no `finally`)."""
-
-    def __init__(self, stream: AsyncIterator[str], cleanups: list[Callable[[], Any]]) -> None:
-        self.stream = stream
-        self.cleanups = cleanups
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[str]:
-        try:
-            async for text in self.stream:
-                yield text
-        finally:
-            self.close()
-            close = getattr(self.stream, "aclose", None)
-            if close is not None:
-                await close()
-
-    def close(self) -> None:
-        cleanups, self.cleanups = self.cleanups, []
-        for cleanup in cleanups:
-            cleanup()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def _final_error_event(body: dict | None) -> str:
-    """The last SSE events of a stream that fails after its first chunk went out."""
-    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
 def _num_params(cfg: AppConfig) -> int | None:
@@ -182,20 +100,9 @@ def _num_params(cfg: AppConfig) -> int | None:
         return None
 
 
-class _PhaseDown(Exception):
-    """An engine was marked down while a request waited on it."""
-
-
-def _other(phase: str) -> str:
-    return "prefill" if phase == "decode" else "decode"
-
-
 def _nodes_of(handle: Any) -> set[str]:
     return set(replica_nodes(handle.app_name, handle.deployment_name).values())
 
-
-RELEASE_TIMEOUT_S = 60.0
-"""A release of prefill's blocks gives up after this; the KV lease frees them anyway."""
 
 DISCOVERY_WAIT_S = 10.0
 """How long a request waits for the router to learn its first pair (just after a start)."""
@@ -215,11 +122,11 @@ class Router:
         self.api_keys = ApiKeys.load(self.cfg.auth)  # HTTP only; fails the start if none found
         self.prefill = prefill
         self.decode = decode
+        self.engine_calls = EngineCalls(self.cfg)  # prefill, generate, relay, release
         self.request_models = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
         # Decode must be able to load fewer tokens than its prompt (our vLLM plugin's clamp).
         from serve_app.vllm_plugin import pull_scheduler_class
 
-        self._releases: set[asyncio.Future] = set()
         self.first_token = (
             self.cfg.router.first_token_from_prefill and pull_scheduler_class() is not None
         )
@@ -306,7 +213,7 @@ class Router:
             return JSONResponse(outcome.body, status_code=outcome.status, headers=outcome.headers)
         return StreamingResponse(stream, media_type="text/event-stream", headers=outcome.headers)
 
-    async def _http_outcome(self, raw: Request, endpoint: Endpoint) -> _Outcome:
+    async def _http_outcome(self, raw: Request, endpoint: Endpoint) -> Outcome:
         """API key, body size, JSON, prompt limits (each a 4xx `Rejection`), then the request."""
         self.api_keys.check(raw.headers.get("authorization"))
         max_bytes = self.cfg.limits.max_body_bytes
@@ -348,17 +255,17 @@ class Router:
 
     # ---- The request's path ---------------------------------------------------------------
 
-    async def _run(self, endpoint: Endpoint, body: Any) -> _Outcome:
+    async def _run(self, endpoint: Endpoint, body: Any) -> Outcome:
         self._ensure_monitor()
         try:
             slot = await self._admit()  # first: a shed request costs as little as possible
         except Rejection as rejection:
             self.telemetry.shed(endpoint, "no_engine" if rejection.status == 503 else "capacity")
-            return _Outcome.rejected(rejection)
+            return Outcome.rejected(rejection)
         release: Callable[[], None] = slot.release
         try:
             request = self._validate(endpoint, body)
-            if isinstance(request, _Outcome):
+            if isinstance(request, Outcome):
                 slot.release()
                 return request
             current_request().admitted(request)
@@ -367,7 +274,7 @@ class Router:
             if pair is None:  # every engine went down since admission
                 slot.release()
                 self.telemetry.shed(endpoint, "no_engine")
-                return _Outcome.rejected(self._no_engine())
+                return Outcome.rejected(self._no_engine())
             release = self._assign(pair, slot)
             decision = self._route(pair, request, num_prompt_tokens)
             current_request().routed(decision.route.value, decision.reason.value)
@@ -379,7 +286,7 @@ class Router:
         if outcome.stream is None:
             release()
         else:
-            outcome.stream = _Guarded(outcome.stream, [release, *outcome.cleanups])
+            outcome.stream = Guarded(outcome.stream, [release, *outcome.cleanups])
         return outcome
 
     @staticmethod
@@ -401,24 +308,24 @@ class Router:
         from pydantic import ValidationError
 
         if not isinstance(body, dict):
-            return _Outcome.error(400, "The request body must be a JSON object", "BadRequestError")
+            return Outcome.error(400, "The request body must be a JSON object", "BadRequestError")
         try:
             request = self.request_models[endpoint].model_validate(body)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
-            return _Outcome.error(400, f"{param}: {first['msg']}", "BadRequestError", param)
+            return Outcome.error(400, f"{param}: {first['msg']}", "BadRequestError", param)
         except Exception as exc:  # noqa: BLE001 - vLLM's own validators (VLLMValidationError)
-            return _Outcome.error(400, str(exc), "BadRequestError", getattr(exc, "parameter", None))
+            return Outcome.error(400, str(exc), "BadRequestError", getattr(exc, "parameter", None))
         if request.model != self.cfg.model.name:
-            return _Outcome.error(
+            return Outcome.error(
                 404, f"The model `{request.model}` does not exist.", "NotFoundError", "model"
             )
         for name in ("max_tokens", "max_completion_tokens"):
             value = getattr(request, name, None)
             if value is not None and value < 1:
                 # Checked here: prefill runs with max_tokens=1 and would not catch it.
-                return _Outcome.error(
+                return Outcome.error(
                     400, f"{name} must be at least 1, got {value}.", "BadRequestError", name
                 )
         return request
@@ -454,14 +361,14 @@ class Router:
 
     async def _serve(
         self, pair: Pair, endpoint: Endpoint, request: Any, decision: RouteDecision
-    ) -> _Outcome:
+    ) -> Outcome:
         request_id = current_request().request_id  # the trace id, then the Router span's
         result: PrefillResult | None = None
         if decision.route is Route.DISAGGREGATED:
             current_request().prefill_started()
-            prefilled = await self._prefill(pair, endpoint, request, request_id)
+            prefilled = await self.engine_calls.prefill(pair, endpoint, request, request_id)
             current_request().prefill_finished(prefilled)
-            if isinstance(prefilled, _Outcome):
+            if isinstance(prefilled, Outcome):
                 return prefilled
             if prefilled is None:
                 decision = fallback()
@@ -474,301 +381,21 @@ class Router:
                     and first_token.can_continue(request)
                     and first_token.continues(result)
                 ):
-                    continued = self._continue(pair, request, request_id, result)
+                    continued = self.engine_calls.continue_after_prefill(
+                        pair, request, request_id, result
+                    )
                     return self._with_route(continued, decision)
         phase = "prefill" if decision.route is Route.PREFILL_ONLY else "decode"
         decode_request = prepare_decode_request(request, request_id, result)
-        outcome = await self._generate(pair, phase, endpoint, decode_request, request_id, result)
+        outcome = await self.engine_calls.generate(
+            pair, phase, endpoint, decode_request, request_id, result
+        )
         return self._with_route(outcome, decision)
 
     @staticmethod
-    def _with_route(outcome: _Outcome, decision: RouteDecision) -> _Outcome:
+    def _with_route(outcome: Outcome, decision: RouteDecision) -> Outcome:
         outcome.headers.setdefault("x-pd-route", decision.header)
         return outcome
-
-    async def _prefill(self, pair: Pair, endpoint: Endpoint, request: Any, request_id: str) -> Any:
-        pair.num_queued["prefill"] += 1
-        try:
-            call = pair.server("prefill").prefill.remote(
-                endpoint, prepare_prefill_request(request, request_id),
-                trace=current_request().carrier(),
-            )
-            response = await self._while_up(
-                pair, "prefill", call, call.cancel, self.cfg.router.failover.prefill_deadline_s
-            )
-        except asyncio.CancelledError:
-            raise
-        except _PhaseDown as down:
-            return self._prefill_failed(pair, str(down), mark_down=False)
-        except asyncio.TimeoutError:
-            deadline = self.cfg.router.failover.prefill_deadline_s
-            return self._prefill_failed(pair, f"no answer within {deadline:g} s", mark_down=False)
-        except Exception as exc:  # noqa: BLE001 - a dead or failing prefill replica
-            return self._prefill_failed(pair, f"{type(exc).__name__}: {exc}")
-        finally:
-            pair.num_queued["prefill"] -= 1
-        pair.health["prefill"].alive()
-        if isinstance(response, PrefillResult):
-            return response
-        outcome = _Outcome.from_vllm(response)
-        if outcome.status < 500:
-            return outcome
-        return self._prefill_failed(pair, str(outcome.body), mark_down=False)
-
-    def _prefill_failed(self, pair: Pair, reason: str, mark_down: bool = True) -> Any:
-        if mark_down:
-            pair.health["prefill"].failed(reason)
-        if self.cfg.router.fallback_to_decode:
-            logger.warning("prefill failed (%s); decode runs the whole request", reason)
-            return None
-        return _Outcome.error(503, f"prefill failed: {reason}", "ServiceUnavailableError")
-
-    async def _generate(
-        self,
-        pair: Pair,
-        phase: str,
-        endpoint: Endpoint,
-        request: Any,
-        request_id: str,
-        result: PrefillResult | None,
-    ) -> _Outcome:
-        """Run `request` on `phase`'s engine; one that fails before its first byte is marked
-        down and the whole request runs on the other engine, if that one is up."""
-        tracker = self._tracker(pair, endpoint, request, phase)
-        if tracker is not None:
-            request = migration.tracked_request(request)
-        first, stream = await self._first_item(pair, phase, endpoint, request, result)
-        if isinstance(first, BaseException):
-            if result is not None:
-                self._release_soon(pair, request_id, result)
-            other = _other(phase)
-            if not pair.is_up(other):
-                return _Outcome.error(
-                    503, f"{phase} failed: {first}", "ServiceUnavailableError"
-                )
-            logger.warning("%s failed (%s); %s runs the whole request", phase, first, other)
-            current_request().fell_back(phase, f"{other}_only", "fallback")
-            whole = prepare_decode_request(request, request_id, None)
-            phase, (first, stream) = other, await self._first_item(pair, other, endpoint, whole, None)
-            if isinstance(first, BaseException):
-                return _Outcome.error(503, f"{other} failed: {first}", "ServiceUnavailableError")
-            route = RouteDecision(Route(f"{other}_only"), Reason.FALLBACK).header
-        else:
-            route = None
-        if not isinstance(first, str):
-            stream.cancel()
-            outcome = _Outcome.from_vllm(first)
-        else:
-            outcome = _Outcome(
-                stream=self._relay(pair, first, stream, phase, request, request_id, tracker)
-            )
-            outcome.cleanups.append(stream.cancel)
-        if route is not None:
-            outcome.headers["x-pd-route"] = route  # where it ran, not where it was sent
-        return outcome
-
-    def _tracker(
-        self, pair: Pair, endpoint: Endpoint, request: Any, phase: str, num_given: int = 0
-    ) -> migration.TokenTracker | None:
-        """A tracker of the streamed ids where a break could continue on the other engine."""
-        if pair.server(_other(phase)) is None or not migration.can_migrate(endpoint, request):
-            return None
-        return migration.TokenTracker(request, num_client_prompt=len(request.prompt) - num_given)
-
-    async def _first_item(
-        self, pair: Pair, phase: str, endpoint: Endpoint, request: Any,
-        result: PrefillResult | None,
-    ) -> tuple[Any, Any]:
-        """The stream of `request` on `phase` and its first item (or the exception instead)."""
-        signature = None if result is None else pair.health["prefill"].kv_signature
-        server = pair.server(phase)
-        stream = server.options(stream=True).generate.remote(
-            endpoint, request, signature, trace=current_request().carrier()
-        )
-        current_request().generate_started(phase)
-        # A stream's first item is its place in the engine's queue; a unary answer's is the
-        # whole request, so it does not count (the probes report the engine's own queue).
-        queued = 1 if request.stream else 0
-        pair.num_queued[phase] += queued
-        try:
-            first = await self._while_up(pair, phase, stream.__anext__(), stream.cancel)
-            current_request().first_item(phase)
-            pair.health[phase].alive()
-            return first, stream
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            stream.cancel()
-            raise
-        except BaseException as exc:  # noqa: BLE001 - the replica failed or died
-            stream.cancel()
-            pair.health[phase].failed(f"{type(exc).__name__}: {exc}")
-            return exc, stream
-        finally:
-            pair.num_queued[phase] -= queued
-
-    async def _while_up(
-        self, pair: Pair, phase: str, call: Any, cancel: Callable[[], Any],
-        deadline_s: float | None = None,
-    ) -> Any:
-        """Await `call` on `phase`, giving up (`cancel`, then `_PhaseDown`) as soon as the
-        probes mark the phase down: a call to a dead replica waits for a new one instead of
-        failing, so the request must not be the one that finds out."""
-        task = asyncio.ensure_future(call)
-        period = self.cfg.router.failover.probe_period_s
-        started = time.monotonic()
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=period)
-                if done:
-                    return task.result()
-                if not pair.health[phase].is_up:
-                    raise _PhaseDown(f"{phase} is down: {pair.health[phase].reason}")
-                if deadline_s is not None and time.monotonic() - started > deadline_s:
-                    raise asyncio.TimeoutError
-        finally:
-            if not task.done():
-                task.cancel()
-                cancel()
-
-    async def _relay(
-        self,
-        pair: Pair,
-        first: str | None,
-        stream: Any,
-        phase: str,
-        request: Any,
-        request_id: str,
-        tracker: migration.TokenTracker | None,
-        edit: Any = None,
-    ) -> AsyncIterator[str]:
-        """Yield the engine's SSE text (through `edit`, then `tracker`); a stream that breaks
-        midway continues on the other engine where it can, else ends with an error event."""
-
-        health = pair.health[phase]
-
-        def shown(text: str) -> str:
-            health.alive()
-            text = edit(text) if edit is not None else text
-            return tracker(text) if tracker is not None else text
-
-        try:
-            if first is None:
-                # A continuation's stream (first token from prefill): its first item waits on
-                # decode, which may go down meanwhile (a restart): then it migrates like a
-                # broken stream instead of waiting for decode to come back.
-                try:
-                    first = await self._while_up(pair, phase, stream.__anext__(), stream.cancel)
-                except StopAsyncIteration:
-                    return
-                if not isinstance(first, str):
-                    yield _final_error_event(_Outcome.from_vllm(first).body)
-                    return
-            yield shown(first)
-            async for item in stream:
-                if not isinstance(item, str):
-                    # An error response instead of a stream: the client already has tokens,
-                    # so it ends the stream as vLLM ends one that fails midway.
-                    yield _final_error_event(_Outcome.from_vllm(item).body)
-                    return
-                yield shown(item)
-        except Exception as exc:  # noqa: BLE001 - the engine's replica failed or died
-            health.failed(f"{type(exc).__name__}: {exc}")
-            async for text in self._migrate(pair, phase, request, request_id, tracker, exc):
-                yield text
-        finally:
-            stream.cancel()
-
-    async def _migrate(
-        self,
-        pair: Pair,
-        phase: str,
-        request: Any,
-        request_id: str,
-        tracker: migration.TokenTracker | None,
-        exc: Exception,
-    ) -> AsyncIterator[str]:
-        """The rest of a broken stream from the other engine (`migration.py`)."""
-        other, new_id = _other(phase), uuid.uuid4().hex
-        rest = None
-        if tracker is not None and pair.is_up(other):
-            rest = migration.continuation(request, new_id, tracker)
-        if rest is None:
-            body = error_body(503, f"{phase} failed: {exc}", "ServiceUnavailableError")
-            yield _final_error_event(body)
-            return
-        logger.warning("%s failed midway (%s): %s continues %s after %d tokens",
-                       phase, exc, other, request_id, len(tracker.generated))
-        first, stream = await self._first_item(pair, other, "completions", rest, None)
-        if not isinstance(first, str):
-            if not isinstance(first, BaseException):
-                stream.cancel()
-            body = error_body(503, f"{phase} and {other} failed", "ServiceUnavailableError")
-            yield _final_error_event(body)
-            return
-        moved = migration.MigratedEvents(
-            f"cmpl-{request_id}", f"cmpl-{new_id}", len(rest.prompt) - tracker.num_client_prompt
-        )
-        shown_ids = tracker.is_shown
-        tracker = migration.TokenTracker(rest, num_client_prompt=tracker.num_client_prompt)
-        tracker.is_shown = shown_ids
-        async for text in self._relay(pair, first, stream, other, rest, request_id, None, moved):
-            yield tracker(text)
-
-    def _continue(
-        self, pair: Pair, request: Any, request_id: str, result: PrefillResult
-    ) -> _Outcome:
-        """Stream prefill's token now; decode streams the rest after it."""
-        decode_request = first_token.continuation_request(request, request_id, result)
-        tracker = self._tracker(pair, "completions", decode_request, "decode", num_given=1)
-        if tracker is not None:
-            tracker.is_shown = bool(request.return_token_ids)
-            decode_request = migration.tracked_request(decode_request)
-        signature = pair.health["prefill"].kv_signature
-        stream = pair.server("decode").options(stream=True).generate.remote(
-            "completions", decode_request, signature, trace=current_request().carrier()
-        )
-        current_request().generate_started("decode")
-        relay = self._relay(
-            pair, None, stream, "decode", decode_request, request_id, tracker,
-            edit=first_token.ContinuationEvents(),
-        )
-        outcome = _Outcome(stream=self._continuation(pair, request, request_id, result, relay))
-        outcome.cleanups.append(stream.cancel)
-        return outcome
-
-    async def _continuation(
-        self, pair: Pair, request: Any, request_id: str, result: PrefillResult,
-        relay: AsyncIterator[str],
-    ) -> AsyncIterator[str]:
-        started = False
-        try:
-            yield first_token.first_chunk(request, request_id, result)
-            async for text in relay:
-                if not started:
-                    current_request().first_item("decode")  # the end of the handoff
-                started = True
-                yield text
-        finally:
-            await relay.aclose()
-            if not started:
-                # Decode may never have seen the request (client gone, decode failed):
-                # free prefill's blocks now.
-                self._release_soon(pair, request_id, result)
-
-    def _release_soon(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
-        """Free prefill's blocks of a request decode will not read, in the background: this
-        may run in a cancelled task, and a call to a dead decode waits for its replacement
-        (the request must not wait with it)."""
-        task = asyncio.ensure_future(self._release(pair, request_id, result))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
-
-    async def _release(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
-        try:
-            decode = pair.server("decode")
-            call = decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
-            await asyncio.wait_for(call, RELEASE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - best effort; the lease frees them later anyway
-            logger.warning("could not release prefill blocks of %s", request_id, exc_info=True)
 
     # ---- Between requests -----------------------------------------------------------------
 

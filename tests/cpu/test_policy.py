@@ -233,17 +233,17 @@ def test_continuation_makes_what_is_left() -> None:
 async def test_a_stream_never_iterated_still_gives_its_slot_back() -> None:
     import gc
 
-    from serve_app.router import _Guarded
+    from serve_app.outcome import Guarded
 
     async def events():
         yield "data: 1\n\n"
 
     done: list[str] = []
-    guarded = _Guarded(events(), [lambda: done.append("slot"), lambda: done.append("engine")])
+    guarded = Guarded(events(), [lambda: done.append("slot"), lambda: done.append("engine")])
     del guarded
     gc.collect()
     assert done == ["slot", "engine"]
-    iterated = _Guarded(events(), [lambda: done.append("again")])
+    iterated = Guarded(events(), [lambda: done.append("again")])
     assert [text async for text in iterated] == ["data: 1\n\n"]
     del iterated
     gc.collect()
