@@ -92,12 +92,17 @@ class PhaseConfig(_Strict):
     """MPS per-client memory cap, e.g. `40G` (`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`)."""
     nixl_side_channel_port: int = Field(default=5600, ge=1024, le=65535)
     cpu_cores: str | None = Field(default=None, pattern=r"^[0-9,\-|]+$")
-    """CPU build only: cores for the engine's worker (`VLLM_CPU_OMP_THREADS_BIND`), e.g. `0`."""
+    """CPU build only: cores of the engine's processes, e.g. `0`: its worker's compute threads
+    (`VLLM_CPU_OMP_THREADS_BIND`) and EngineCore, which would otherwise wait on any core."""
     cpu_kv_cache_gib: int | None = Field(default=None, ge=1, le=1024)
     """CPU build only: KV cache size in GiB (`VLLM_CPU_KVCACHE_SPACE`)."""
     cpu_nice: int | None = Field(default=None, ge=0, le=19)
     """CPU build only: niceness added to the engine's processes, so the request path (Router,
     HTTP proxy, replicas) gets the cores first when both want them."""
+    cpu_poll_sleep_us: int | None = Field(default=None, ge=1, le=10000)
+    """CPU build only: the engine's processes sleep this long between polls while they wait for
+    each other (EngineCore and its worker; vLLM spins on `sched_yield`). On a small machine a
+    short sleep leaves the cores to the other engine and the request path ("Small machines")."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
     router's health probes are never queued behind requests."""
@@ -218,8 +223,8 @@ class RoutingConfig(_Strict):
     its SM share (0 disaggregates every prompt)."""
     short_output_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
     """Requests asking for at most this many tokens (`max_tokens`, `max_completion_tokens`)
-    run whole on prefill, with no handoff. None derives it: on the CPU build 16 (measured), on a
-    GPU 1 (a one-token request gains nothing from decode); 0 turns the rule off."""
+    run whole on prefill, with no handoff. None derives it: on the CPU build 16 (chosen, not yet
+    swept), on a GPU 1 (a one-token request gains nothing from decode); 0 turns the rule off."""
     local_prefill_budget_ms: float = Field(default=20.0, gt=0.0, le=10_000.0)
     """GPU only: how long one local prefill may stall decode's running streams."""
     decode_peak_tflops: float = Field(default=989.0, gt=0.0)
@@ -415,7 +420,7 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _settings_match_the_device(self) -> AppConfig:
         gpu_only = ("sm_percentage", "pinned_device_mem_limit", "gpu_memory_utilization")
-        cpu_only = ("cpu_cores", "cpu_kv_cache_gib", "cpu_nice")
+        cpu_only = ("cpu_cores", "cpu_kv_cache_gib", "cpu_nice", "cpu_poll_sleep_us")
         wrong = cpu_only if self.device == "cuda" else gpu_only
         for phase in self.engine_phases:
             cfg: PhaseConfig = getattr(self, phase)

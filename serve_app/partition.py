@@ -62,10 +62,14 @@ def _cpu_env(cfg: AppConfig, role: str) -> dict[str, str]:
     if phase.cpu_cores is not None:
         # vLLM's CPU worker busy-waits between steps: two engines sharing cores starve each other.
         env["VLLM_CPU_OMP_THREADS_BIND"] = phase.cpu_cores
+        # EngineCore too, which vLLM leaves free to wait for its worker on any core.
+        env["PD_SERVE_ENGINE_CORES"] = phase.cpu_cores
     if phase.cpu_kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(phase.cpu_kv_cache_gib)
     if phase.cpu_nice is not None:
         env["PD_SERVE_ENGINE_NICE"] = str(phase.cpu_nice)
+    if phase.cpu_poll_sleep_us is not None:
+        env["PD_SERVE_ENGINE_POLL_SLEEP_US"] = str(phase.cpu_poll_sleep_us)
     return env
 
 

@@ -66,6 +66,29 @@ def test_decode_engine_started_after_prefill_engine(pd_app: dict[str, Any]) -> N
     assert decode["engine_start_began"] >= prefill["engine_ready_at"]
 
 
+def test_each_engine_runs_on_its_phase_cores(pd_app: dict[str, Any]) -> None:
+    """EngineCore and its worker on the phase's `cpu_cores`; the replica (vLLM's frontend) not."""
+    from tests.cpu.conftest import TEST_PORT_BASE
+
+    ports = {str(TEST_PORT_BASE): "0", str(TEST_PORT_BASE + 10): "1"}  # app_args: prefill, decode
+    seen: dict[str, dict[str, set[str]]] = {cores: {} for cores in ports.values()}
+    for process in psutil.process_iter(["name"]):
+        try:
+            port = process.environ().get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+            if port not in ports:
+                continue
+            allowed = ",".join(map(str, sorted(process.cpu_affinity())))
+            name = process.info["name"]  # comm is cut at 15 characters: VLLM::EngineCor
+            kind = next((k for k in ("EngineCor", "Worker") if k in name), "replica")
+            seen[ports[port]].setdefault(kind, set()).add(allowed)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for cores, kinds in seen.items():
+        assert kinds.get("EngineCor") == {cores}, seen
+        assert kinds.get("Worker") == {cores}, seen
+        assert cores not in kinds.get("replica", {cores}), seen
+
+
 def test_greedy_output_equals_one_engine_alone(
     client: openai.OpenAI, tokenizer: Any, tmp_path: Path
 ) -> None:
