@@ -34,7 +34,8 @@ from serve_app.config import AppConfig, RoutingConfig
 # prefill hop and the NIXL read cost ~25-30 ms, about what decode spends computing a prompt of a
 # few hundred tokens; a sweep of the threshold on the mixed workload is still to be done.
 CPU_SHORT_PROMPT_TOKENS = 256
-# Measured on the 2-core machine (README, "Conditional disaggregation"): see `short_output_tokens`.
+# The CPU build's default, chosen, not swept: the handoff costs ~25-30 ms here (hop, NIXL read,
+# decode's first step), more than prefill spends decoding a few tokens itself (~5 ms each).
 CPU_SHORT_OUTPUT_TOKENS = 16
 # On a GPU only what needs no measurement: a one-token request gains nothing from decode (its
 # token is prefill's own); the GPU campaign's handoff time is what would move it.
