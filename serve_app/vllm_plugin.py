@@ -173,6 +173,35 @@ def _pin_to_cores() -> None:
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(tid), cores)
+    _keep_nixl_worker_on(cores)
+
+
+def nixl_worker_class() -> Any:
+    """vLLM's NIXL connector worker base, if this vLLM has the one the re-pinning was written for."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+    except ImportError:
+        return None
+    return getattr(base_worker, "NixlBaseConnectorWorker", None)
+
+
+def _keep_nixl_worker_on(cores: set[int]) -> None:
+    """vLLM 0.32's NIXL connector, on the CPU build, moves the worker's main thread to the last
+    core of each NUMA node ("reserve different cores for start_load_kv() from model_forward()").
+    With one OpenMP thread that main thread is the one that runs the model: on this 2-core
+    machine both engines' forwards ran on core 1 (measured: the prefill worker's compute on the
+    decode engine's core). The connector's own choice is undone right after it is made."""
+    cls = nixl_worker_class()
+    if cls is None or getattr(cls.__init__, "_pd_serve_pinned", False):
+        return
+    original = cls.__init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        original(self, *args, **kwargs)
+        os.sched_setaffinity(0, cores)
+
+    __init__._pd_serve_pinned = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
 
 
 NICE_ENV = "PD_SERVE_ENGINE_NICE"

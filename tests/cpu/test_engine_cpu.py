@@ -168,6 +168,19 @@ def test_an_engine_process_runs_on_its_phase_cores_with_all_its_threads() -> Non
     assert owner["threads"] == [owner["before"]] and owner["later_thread"] == owner["before"]
 
 
+def test_this_vllm_has_the_nixl_worker_whose_core_choice_the_plugin_undoes() -> None:
+    """vLLM's NIXL connector moves the CPU worker's main thread (the one that runs the model) to
+    the last core of each NUMA node; the plugin puts it back on the phase's cores right after.
+    The running app's check is `test_disaggregated.test_each_engine_runs_on_its_phase_cores`."""
+    import inspect
+
+    from serve_app.vllm_plugin import nixl_worker_class
+
+    cls = nixl_worker_class()
+    assert cls is not None
+    assert "sched_setaffinity" in inspect.getsource(cls)
+
+
 def test_the_phase_settings_reach_the_engine_env_on_cpu_only() -> None:
     args = app_args(prefill={"cpu_poll_sleep_us": 100}, decode={"cpu_poll_sleep_us": None})
     cfg = AppConfig.model_validate(args)
