@@ -101,8 +101,8 @@ class PhaseConfig(_Strict):
     HTTP proxy, replicas) gets the cores first when both want them."""
     cpu_poll_sleep_us: int | None = Field(default=None, ge=1, le=10000)
     """CPU build only: the engine's processes sleep this long between polls while they wait for
-    each other (EngineCore and its worker; vLLM spins on `sched_yield`). On a small machine a
-    short sleep leaves the cores to the other engine and the request path ("Small machines")."""
+    each other (EngineCore and its worker; vLLM spins on `sched_yield`). For an engine whose
+    cores the request path shares: a short sleep leaves them to it (README, "Small machines")."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
     router's health probes are never queued behind requests."""
