@@ -11,7 +11,9 @@ alternate in blocks (ABBA order), so drift on a busy machine falls on both alike
     python -m serve_app.bench.tracing_overhead --url http://127.0.0.1:8000 ...   # an app already
         running with telemetry.tracing.enabled: true (and its endpoint) instead of starting one
 
-Writes `requests.jsonl` (one line per request) and `summary.json`, and prints the P50s.
+Writes `requests.jsonl` (one line per request) and `summary.json`, and prints the P50s. Tracing
+off against a build without tracing: the span work of one request with tracing off, timed in
+this process (`off_span_cost_us`), over the end to end P50.
 """
 
 from __future__ import annotations
@@ -129,6 +131,32 @@ def run(url: str, model: str, num_blocks: int, per_block: int, prompt_words: int
     return records
 
 
+def off_span_cost_us(num_requests: int = 20_000) -> float:
+    """Microseconds of span work per request with tracing off, in this process: what the Router,
+    PrefillServer and DecodeServer do for one disaggregated request (the Router span from the
+    client's headers, the carriers across two handle calls, the prefill, decode and handoff
+    spans with their attributes, the ends). A build without tracing would do none of it."""
+    from serve_app.config import TracingConfig
+    from serve_app.ops import tracing
+
+    tracer = tracing.Tracer(TracingConfig(enabled=False), "Router")
+    headers = {"traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}
+    attributes = {"gen_ai.operation.name": "text_completion", "gen_ai.request.model": "m"}
+    started = time.perf_counter()
+    for _ in range(num_requests):
+        root = tracer.start_request("text_completion m", headers, attributes)
+        tracing.request_id(root)
+        prefill = tracer.start_child("prefill", tracing.carrier(root), attributes)
+        tracing.end(prefill)
+        decode = tracer.start_child("decode", tracing.carrier(root), attributes)
+        handoff = tracer.start_child("kv_handoff", decode, {"pd.kv.bytes": 1})
+        tracing.end(handoff)
+        tracing.end(decode)
+        root.set_attribute("pd.route", "disaggregated")
+        tracing.end(root, 200)
+    return (time.perf_counter() - started) / num_requests * 1e6
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for arm in ("on", "off"):
@@ -142,6 +170,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         }
     for key in ("ttft_p50_ms", "e2e_p50_ms", "ttft_mean_ms", "e2e_mean_ms"):
         summary[f"{key}_on_over_off"] = summary["on"][key] / summary["off"][key]
+    off_us = off_span_cost_us()
+    summary["off_span_us_per_request"] = off_us
+    summary["off_span_share_of_e2e_p50"] = off_us / 1000 / summary["off"]["e2e_p50_ms"]
     return summary
 
 
@@ -181,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
               f"E2E P50 {s['e2e_p50_ms']:.1f} ms")
     print(f"on/off: TTFT P50 x{summary['ttft_p50_ms_on_over_off']:.3f}, "
           f"E2E P50 x{summary['e2e_p50_ms_on_over_off']:.3f}")
+    print(f"tracing off: {summary['off_span_us_per_request']:.1f} us of span work per request, "
+          f"{100 * summary['off_span_share_of_e2e_p50']:.3f}% of the E2E P50")
     return 0
 
 
