@@ -1,5 +1,6 @@
 """A vLLM general plugin: NIXL's progress thread gets a poll delay; decode loads only what
-prefill computed; an engine's processes die with the replica that started them.
+prefill computed; an engine's processes die with the replica that started them; on the CPU
+build they run on their phase's cores and may sleep while they wait for each other.
 
 NIXL 1.5.1's Python API creates every agent with `pthrDelay = 0`, so each engine's progress
 thread spins a whole core even when idle. On a many-core GPU host that is a bounded cost; on a
@@ -28,15 +29,21 @@ parent is still the one that started it (it may have died before the request too
 Linux sends that signal when the *thread* that started the process exits: vLLM starts EngineCore
 from the replica's long-lived user-code thread and its workers from EngineCore's main thread.
 
-Fourth, on the CPU build, how an engine's processes wait for each other (`cpu_poll_sleep_us`).
-vLLM's shared-memory queue between EngineCore and its worker keeps a reader busy-looping on
+Fourth, on the CPU build, where an engine's processes run (`cpu_cores`): vLLM binds only the
+worker's compute threads, so EngineCore waited for its worker on whichever core was free, and its
+NIXL connector moves the worker's main thread (the one that runs the model) to the last core of
+the NUMA node. The plugin pins every thread of EngineCore and its workers to the phase's cores,
+and again right after the connector's choice.
+
+Fifth, on the CPU build, how they wait for each other (`cpu_poll_sleep_us`). vLLM's
+shared-memory queue between EngineCore and its worker keeps a reader busy-looping on
 `sched_yield` for 1 s after each message before it blocks on its socket. Under steady load that
-is never: the worker spins while EngineCore schedules, and EngineCore, which no core pinning
-holds, spins on whichever core is free while its worker computes. Measured on 2 cores, 200 mixed
-requests at 6 req/s: decode's EngineCore burned 14.8 CPU-s (prefill's worker: 6.1) on the core
-the Router, the HTTP proxy and the prefill worker share. Blocking sooner is not an option: with
-a 0 s busy loop notifications get lost and steps stall ~5 s (vLLM's recovery cap; measured: ITL
-P99 5 s). So the busy loop stays and sleeps between its polls instead of yielding.
+is never, so a waiting process spins on its core. Measured on 2 cores, 200 mixed requests at
+6 req/s: decode's EngineCore burned 14.8 CPU-s unpinned (6.2 pinned), prefill's worker 14 CPU-s
+on the core it shares with the Router and the HTTP proxy (2.8 with a 100 us sleep). Blocking
+sooner is not an option: with a 0 s busy loop notifications get lost and steps stall ~5 s
+(vLLM's recovery cap; measured: ITL P99 5 s). So the busy loop stays and sleeps between its
+polls instead of yielding.
 """
 
 from __future__ import annotations
@@ -128,11 +135,17 @@ def _set_progress_delay() -> None:
     logger.info("NIXL progress thread poll delay set to %s us", raw)
 
 
+def _is_engine_process() -> bool:
+    """A process started under an engine's owner (EngineCore, its workers), not the owner itself
+    (the replica, vLLM's frontend) nor any other process."""
+    owner = os.environ.get(OWNER_PID_ENV)
+    return bool(owner) and owner != str(os.getpid())
+
+
 def die_with_parent() -> None:
     """In a process started under an engine's owner (EngineCore, its workers), die by SIGKILL
     as soon as the parent process does. Does nothing in the owner itself or anywhere else."""
-    owner = os.environ.get(OWNER_PID_ENV)
-    if not owner or owner == str(os.getpid()) or not sys.platform.startswith("linux"):
+    if not _is_engine_process() or not sys.platform.startswith("linux"):
         return
     import ctypes
     import multiprocessing
@@ -165,15 +178,18 @@ def _pin_to_cores() -> None:
     cores only. vLLM binds the worker's compute threads (`VLLM_CPU_OMP_THREADS_BIND`) but not
     EngineCore, which then waits for its worker on whichever core is free."""
     spec = os.environ.get(CORES_ENV)
-    owner = os.environ.get(OWNER_PID_ENV)
-    if not spec or not owner or owner == str(os.getpid()):
+    if not spec or not _is_engine_process():
         return
     cores = parse_cores(spec)
-    # Per thread on Linux: every thread that exists now; later ones inherit their creator's.
+    _pin_threads(cores)
+    _keep_nixl_worker_on(cores)
+
+
+def _pin_threads(cores: set[int]) -> None:
+    """Per thread on Linux: every thread that exists now; later ones inherit their creator's."""
     for tid in os.listdir("/proc/self/task"):
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(tid), cores)
-    _keep_nixl_worker_on(cores)
 
 
 def nixl_worker_class() -> Any:
@@ -198,7 +214,7 @@ def _keep_nixl_worker_on(cores: set[int]) -> None:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
         original(self, *args, **kwargs)
-        os.sched_setaffinity(0, cores)
+        _pin_threads(cores)
 
     __init__._pd_serve_pinned = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
@@ -213,8 +229,7 @@ def _lower_priority() -> None:
     request path (Router, proxy, the servers' replicas) when both want them (`cpu_nice`)."""
     global _niced
     value = os.environ.get(NICE_ENV)
-    owner = os.environ.get(OWNER_PID_ENV)
-    if _niced or not value or not owner or owner == str(os.getpid()):
+    if _niced or not value or not _is_engine_process():
         return
     os.nice(int(value))
     _niced = True

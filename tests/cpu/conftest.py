@@ -27,6 +27,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 
 
+def run_json_script(argv: list[str], env: dict[str, str], timeout_s: float) -> dict[str, Any]:
+    """Run `python ARGV...` in the repository with `env`; return the JSON its last line prints."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout_s,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

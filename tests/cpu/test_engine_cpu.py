@@ -10,10 +10,7 @@ time is measured.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from pydantic import ValidationError
 
 from serve_app.config import AppConfig
 from serve_app.partition import phase_env
-from tests.cpu.conftest import ROOT, app_args
+from tests.cpu.conftest import app_args, run_json_script
 from tests.cpu.test_partition import gpu_args
 
 QUEUE_SCRIPT = """
@@ -86,16 +83,7 @@ def run_queue(sleep_us: int | None, tmp_path: Path) -> dict[str, Any]:
     # A file, not `-c`: the spawned reader imports its target from the parent's main module.
     script = tmp_path / "queue_probe.py"
     script.write_text(QUEUE_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_json_script([str(script)], env, timeout_s=180)
 
 
 def test_a_waiting_reader_sleeps_between_polls_and_misses_nothing(tmp_path: Path) -> None:
@@ -146,16 +134,7 @@ def run_pinned(env_update: dict[str, str]) -> dict[str, Any]:
     from serve_app.vllm_plugin import CORES_ENV, OWNER_PID_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in (CORES_ENV, OWNER_PID_ENV)}
-    result = subprocess.run(
-        [sys.executable, "-c", PIN_SCRIPT],
-        cwd=ROOT,
-        env={**env, **env_update},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_json_script(["-c", PIN_SCRIPT], {**env, **env_update}, timeout_s=120)
 
 
 def test_an_engine_process_runs_on_its_phase_cores_with_all_its_threads() -> None:

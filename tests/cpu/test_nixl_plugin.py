@@ -6,14 +6,11 @@ a spinning progress thread must not outlive the case.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from tests.cpu.conftest import ROOT
+from tests.cpu.conftest import run_json_script
 
 # Creates one real UCX agent (through the plugin, if it patched anything), records the
 # `pthrDelay` that reached the binding, then measures the process's CPU time over 1 s of idling.
@@ -74,16 +71,7 @@ def run_agent(delay_us: int | None) -> dict[str, Any]:
     env.pop("PD_SERVE_NIXL_PROGRESS_DELAY_US", None)
     if delay_us is not None:
         env["PD_SERVE_NIXL_PROGRESS_DELAY_US"] = str(delay_us)
-    result = subprocess.run(
-        [sys.executable, "-c", AGENT_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_json_script(["-c", AGENT_SCRIPT], env, timeout_s=120)
 
 
 def test_plugin_is_a_vllm_general_plugin() -> None:
