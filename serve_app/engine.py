@@ -63,9 +63,39 @@ def _to_argv(kwargs: dict[str, Any]) -> list[str]:
     return argv
 
 
+# Where vLLM keeps what this module uses, newest first: the CPU build here is 0.32, the GPU box
+# runs 0.26 (the last release on its torch, ../shared/GPU.md), and these moved in between.
+VLLM_NAMES: dict[str, tuple[str, ...]] = {
+    "make_arg_parser": ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"),
+    "init_app_state": ("vllm.entrypoints.launchers.api_server.app_state",
+                       "vllm.entrypoints.openai.api_server"),
+    "create_error_response": ("vllm.entrypoints.serve.exception_handling.error_response",
+                              "vllm.entrypoints.serve.utils.error_response"),
+    "UsageInfo": ("vllm.entrypoints.serve.engine.protocol",
+                  "vllm.entrypoints.openai.engine.protocol"),
+}
+
+
+def vllm_name(name: str) -> Any:
+    """`name` from the first module of `VLLM_NAMES[name]` this vLLM has. A module that exists
+    but fails to import (a dependency missing) raises: only a missing module is skipped."""
+    import importlib
+
+    for module_path in VLLM_NAMES[name]:
+        try:
+            module = importlib.import_module(module_path)
+        except ModuleNotFoundError as error:
+            if error.name is None or not module_path.startswith(error.name):
+                raise
+            continue
+        return getattr(module, name)
+    raise ImportError(f"{name}: none of {VLLM_NAMES[name]} in this vLLM")
+
+
 def parse_engine_args(argv: list[str]) -> Namespace:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    make_arg_parser = vllm_name("make_arg_parser")
 
     return make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
 
@@ -144,9 +174,10 @@ class Engine:
         os.environ[OWNER_PID_ENV] = str(os.getpid())
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        init_app_state = vllm_name("init_app_state")
 
         started = time.monotonic()
         args = parse_engine_args(engine_argv(self.cfg, self.role))
@@ -214,9 +245,7 @@ class Engine:
         sampling parameters) into error responses; without that layer it is done here, with
         vLLM's own mapping from exception to status.
         """
-        from vllm.entrypoints.serve.exception_handling.error_response import (
-            create_error_response,
-        )
+        create_error_response = vllm_name("create_error_response")
 
         try:
             if endpoint == "chat":

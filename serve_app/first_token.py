@@ -109,7 +109,10 @@ def first_chunk(request: Any, request_id: str, result: PrefillResult) -> str:
         CompletionResponseStreamChoice,
         CompletionStreamResponse,
     )
-    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+
+    from serve_app.engine import vllm_name
+
+    UsageInfo = vllm_name("UsageInfo")  # noqa: N806 - vLLM's class
 
     choice = CompletionResponseStreamChoice(
         index=0,

