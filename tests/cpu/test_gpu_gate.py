@@ -74,8 +74,12 @@ def test_a_wrong_result_is_refused_with_everything_named() -> None:
     for fragment in ("SM cap 20%", "a bfloat16 GEMM hidden x intermediate M=16 x K=128 x N=256 "
                      "on cpu has relative Frobenius error 0.", f"threshold {DEFAULT_THRESHOLD:g}",
                      f"(1 of {len(TINY_SHAPES)} products over it: 16x128x256)",
-                     "mps.gemm_check: false"):
+                     "mps.gemm_check: false", "25, 30, 50 and 100 passed"):
         assert fragment in message, f"{fragment!r} not in: {message}"
+    # Every product's figures stay with the refusal (a scan of caps reads them from the report).
+    assert [r.shape for r in refused.value.results] == list(TINY_SHAPES)
+    assert [r.shape for r in refused.value.results if r.rel_error > DEFAULT_THRESHOLD] == [
+        bad_shape]
 
 
 def test_nan_results_are_refused() -> None:
