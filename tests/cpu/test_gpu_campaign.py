@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from serve_app.config import AppConfig
-from serve_app.gpu_campaign import STEPS, join_parts, split_into_parts
+from serve_app.gpu_campaign import STEPS, join_parts, slim_wheel, split_into_parts
 from tests.cpu.conftest import ROOT
 from tests.cpu.test_plan import LLAMA_8B_KV_PER_TOKEN, LLAMA_8B_PARAMS
 
@@ -95,3 +95,30 @@ def test_wheels_split_into_parts_and_join_back(tmp_path: Path) -> None:
         (received / chunk.name).write_bytes(chunk.read_bytes())
     joined = join_parts(received, tmp_path / "joined")
     assert {p.name: p.read_bytes() for p in joined} == contents
+
+
+def test_sm_percentages_replace_the_presets_split(tmp_path: Path) -> None:
+    # What the H200 needed (bench/results/gpu-20261204): the gate refused 80/20, passed 50/50.
+    out = tmp_path / "out"
+    subprocess.run(["scripts/gpu-campaign", "run", "--dry-run", "--out", str(out), "--work",
+                    str(tmp_path / "work"), "--steps", "model,configs", "--sm-percentages",
+                    "50,50"], cwd=ROOT, capture_output=True, timeout=120, check=True)
+    pd_args = yaml.safe_load((out / "configs" / "h100-llama3.1-8b-pd.yaml").read_text())
+    cfg = AppConfig.model_validate(pd_args["applications"][0]["args"])
+    assert (cfg.prefill.sm_percentage, cfg.decode.sm_percentage) == (50, 50)
+
+
+def test_slim_wheel_drops_members_and_their_record_lines(tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    record = "pkg-1.0.dist-info/RECORD"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pkg/__init__.py", "")
+        archive.writestr("pkg/big.so", b"x" * 1000)
+        archive.writestr(record, "pkg/__init__.py,,\npkg/big.so,sha256=x,1000\n"
+                                 f"{record},,\n")
+    slim_wheel(wheel, ["pkg/big.so", "pkg/not-there.so"])
+    with zipfile.ZipFile(wheel) as archive:
+        assert sorted(archive.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py"]
+        assert archive.read(record).decode().splitlines() == ["pkg/__init__.py,,", f"{record},,"]
