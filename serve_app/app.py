@@ -4,7 +4,8 @@
                      \\-> DecodeServer    (reads the blocks over NIXL, generates, streams)
 
 Both servers share one GPU: fractional `num_gpus`, an MPS SM cap each, a memory share each.
-`pairs` such pairs run one per GPU, one per Ray node (`pairs.py`).
+`pairs` such pairs run one per GPU, one per Ray node (`pairs.py`), a fixed count or as many as
+Serve's autoscaler sets, the same for both servers (`policy/autoscale.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from serve_app.config import AppConfig
-from serve_app.pairs import REQUEST_ROUTER, check_cluster_holds
+from serve_app.pairs import REQUEST_ROUTER, check_cluster_holds, warn_unless_packed
 from serve_app.partition import phase_actor_options
+from serve_app.policy.autoscale import serve_autoscaling_config
 from serve_app.router import Router
 from serve_app.servers import DecodeServer, PrefillServer
 
@@ -28,15 +30,23 @@ PAIR_ROUTER = RequestRouterConfig(request_router_class=REQUEST_ROUTER)
 
 
 def _server_options(cfg: AppConfig, role: str) -> dict[str, Any]:
-    """One replica per pair, at most one per node, routed by pair (`pairs.py`)."""
-    return {
+    """One replica per pair, at most one per node, routed by pair (`pairs.py`). An autoscaling
+    `pairs` gives both server deployments the same policy, which sets them the same count
+    (`policy/autoscale.py`); a removed replica finishes its requests first."""
+    options: dict[str, Any] = {
         "ray_actor_options": phase_actor_options(cfg, role),
         "max_ongoing_requests": cfg.phase(role).max_ongoing_requests,
-        "num_replicas": cfg.pairs,
         "max_replicas_per_node": 1,
         "request_router_config": PAIR_ROUTER,
         "logging_config": SERVER_LOGGING,
     }
+    scaling = cfg.pairs_autoscaling
+    if scaling is None:
+        options["num_replicas"] = cfg.pairs
+    else:
+        options["autoscaling_config"] = serve_autoscaling_config(scaling)
+        options["graceful_shutdown_timeout_s"] = scaling.drain_timeout_s
+    return options
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
@@ -45,7 +55,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     cfg = _with_absolute_model_path(cfg)
     cfg_dict = cfg.model_dump(mode="json")
     gpus_per_pair = cfg.decode.num_gpus + (0.0 if cfg.is_unified else cfg.prefill.num_gpus)
-    check_cluster_holds(cfg.pairs, gpus_per_pair)
+    field = "pairs" if cfg.pairs_autoscaling is None else "pairs.min"
+    check_cluster_holds(cfg.min_pairs, gpus_per_pair, field)
+    if cfg.pairs_autoscaling is not None:
+        warn_unless_packed()
     if cfg.is_unified:
         engine = DecodeServer.options(
             name="EngineServer", **_server_options(cfg, "decode")

@@ -10,7 +10,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from serve_app.config_plan import check_app_memory
 from serve_app.plan import GPU_PRESETS_MIB
@@ -194,6 +203,65 @@ class MetricsConfig(_Strict):
     """How long a scrape waits for each engine's metrics before leaving them out."""
 
 
+class PairsAutoscaling(_Strict):
+    """`pairs:` as a range: Serve's autoscaler adds and removes whole pairs between `min` and
+    `max`, both server deployments always at the same count (`serve_app/policy/autoscale.py`).
+    A pair is added when the requests waiting or running at the busier phase pass
+    `target_ongoing_per_pair` per pair, or when the engines' KV caches fill past
+    `kv_usage_target`, for `upscale_delay_s`; one is removed only after the load has fit in fewer
+    pairs for `downscale_delay_s`, and it finishes its requests first (`drain_timeout_s`)."""
+
+    min: int = Field(default=1, ge=1, le=256)
+    """Pairs that always run (and that the app starts with)."""
+    max: int = Field(default=2, ge=1, le=256)
+    """Most pairs; each needs a one-GPU Ray node of its own (more wait for the cluster to grow)."""
+    target_ongoing_per_pair: float = Field(default=8.0, gt=0.0, le=100_000.0)
+    """Requests per pair (Serve's running + queued at the busier phase, averaged over
+    `look_back_period_s`) the autoscaler aims for: pairs = ceil(requests / this)."""
+    kv_usage_target: float = Field(default=0.8, gt=0.0, le=1.0)
+    """Mean KV cache usage of a phase's engines at which one more pair is wanted (and below which
+    one fewer pair must stay, so a removal does not refill the rest)."""
+    upscale_delay_s: float = Field(default=10.0, ge=0.0, le=3600.0)
+    """How long more pairs must be wanted before one starts."""
+    downscale_delay_s: float = Field(default=300.0, ge=0.0, le=86_400.0)
+    """How long fewer pairs must be enough before one is removed."""
+    look_back_period_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    """Window over which Serve averages the request counts and KV usage the decision reads."""
+    drain_timeout_s: float = Field(default=300.0, ge=0.0, le=3600.0)
+    """How long a removed pair's replicas may finish their requests (no new ones reach them)
+    before Serve stops them (`graceful_shutdown_timeout_s`)."""
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> PairsAutoscaling:
+        if self.min > self.max:
+            raise ValueError(
+                f"pairs.min ({self.min}) must be <= pairs.max ({self.max}); both 1..256"
+            )
+        return self
+
+
+def _pairs_kind(value: Any) -> str:
+    return "autoscaling" if isinstance(value, (dict, PairsAutoscaling)) else "count"
+
+
+def _check_pair_count(value: int) -> int:
+    if not 1 <= value <= 256:
+        raise ValueError(
+            f"pairs: {value} is not a pair count: a fixed count is 1..256, or an autoscaling "
+            "range {min: 1..256, max: 1..256, ...}"
+        )
+    return value
+
+
+Pairs = Annotated[
+    Annotated[int, AfterValidator(_check_pair_count), Tag("count")]
+    | Annotated[PairsAutoscaling, Tag("autoscaling")],
+    Discriminator(_pairs_kind),
+]
+"""`pairs:` a fixed count (1..256) or an autoscaling range (`PairsAutoscaling`); a mapping is
+read as the range, anything else as the count, so an error names only that form's fields."""
+
+
 class TelemetryConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
@@ -347,10 +415,11 @@ class AppConfig(_Strict):
     engine_overhead_gib: float = Field(default=2.0, ge=0.0)
     """The plan's per-engine reserve outside weights and KV (activations, CUDA graphs, CUDA
     context, NIXL buffers); calibrate against vLLM's "Available KV cache memory" log line."""
-    pairs: int = Field(default=1, ge=1, le=256)
+    pairs: Pairs = 1
     """Prefill/decode pairs, one per GPU: each phase's deployment runs this many replicas, at most
     one per Ray node, so a cluster of one-GPU Ray nodes holds one pair per node
-    (`serve_app/pairs.py`). In unified mode, the number of engines."""
+    (`serve_app/pairs.py`). In unified mode, the number of engines. A number (1..256) is fixed;
+    a `PairsAutoscaling` range lets Serve's autoscaler add and remove whole pairs."""
     start_order: Literal["prefill_first", "parallel"] = "prefill_first"
     """`prefill_first`: decode starts its engine (and memory profiling) only once prefill's is
     up, on every (re)start. `parallel` is allowed on a GPU only when both KV pools are fixed."""
@@ -405,17 +474,35 @@ class AppConfig(_Strict):
     def _pair_ports_differ(self) -> AppConfig:
         """Replica `r` of a phase uses `nixl_side_channel_port + r`: the two ranges must not
         overlap."""
-        if self.is_unified or self.pairs == 1:
+        num = self.max_pairs
+        if self.is_unified or num == 1:
             return self
         low, high = sorted((self.prefill.nixl_side_channel_port, self.decode.nixl_side_channel_port))
-        if high - low < self.pairs or high + self.pairs - 1 > 65535:
+        if high - low < num or high + num - 1 > 65535:
+            field = "pairs" if self.pairs_autoscaling is None else "pairs.max"
             raise ValueError(
-                f"pairs: {self.pairs} pairs use NIXL side-channel ports "
-                f"prefill.nixl_side_channel_port + 0..{self.pairs - 1} and "
-                f"decode.nixl_side_channel_port + 0..{self.pairs - 1}: the two ports must be at "
-                f"least {self.pairs} apart (they are {high - low}) and the ranges within 65535"
+                f"{field}: {num} pairs use NIXL side-channel ports "
+                f"prefill.nixl_side_channel_port + 0..{num - 1} and "
+                f"decode.nixl_side_channel_port + 0..{num - 1}: the two ports must be at "
+                f"least {num} apart (they are {high - low}) and the ranges within 65535"
             )
         return self
+
+    @property
+    def pairs_autoscaling(self) -> PairsAutoscaling | None:
+        """The autoscaling range of `pairs`; None where the count is fixed."""
+        return self.pairs if isinstance(self.pairs, PairsAutoscaling) else None
+
+    @property
+    def min_pairs(self) -> int:
+        """The fewest pairs the app runs: the fixed count, or the range's `min`."""
+        return self.pairs.min if isinstance(self.pairs, PairsAutoscaling) else self.pairs
+
+    @property
+    def max_pairs(self) -> int:
+        """The most pairs the app runs: the fixed count, or the range's `max` (replica ranks, so
+        NIXL ports, go up to `max_pairs - 1`)."""
+        return self.pairs.max if isinstance(self.pairs, PairsAutoscaling) else self.pairs
 
     @model_validator(mode="after")
     def _settings_match_the_device(self) -> AppConfig:

@@ -15,10 +15,19 @@ as replicas); `RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1` makes Serve fill a node
 Routing. A pair is named by its node id. Both server deployments route with `PairRequestRouter`
 (Serve's custom request router): a call made through `on_pair(handle, node_id)` goes to the replica
 on that node, so the Router sends a request's prefill and decode into one pair. Calls without a
-pair (handle callers, the first probes) go to any replica, the lesser loaded of two.
+pair (handle callers, the first probes) go to any replica, the lesser loaded of two. A call for a
+node whose replica has left (the pair was scaled away, or the replica died) goes to any replica
+too, instead of waiting for one that may never come back: a request that chose the pair just
+before it left still gets answered (its blocks are read across pairs, or recomputed). A call for
+a node this process has not yet seen a replica on waits for it (a decode replica waits so for its
+node's prefill engine to start).
 
 NIXL side-channel ports and engine ids come from the replica's rank (`port + rank`), so no two
-engines of the app share a port, on one host or across hosts.
+engines of the app share a port, on one host or across hosts. Not so under autoscaling on a host
+with several Ray nodes: after a removal Serve renumbers the ranks left (a running engine keeps
+the port it started with), so a replica added later can get a rank whose port a running engine
+of the same host holds (not tried here: expect its engine to fail to start). Autoscaled pairs
+want one pair per host.
 """
 
 from __future__ import annotations
@@ -56,15 +65,24 @@ def replica_nodes(app_name: str, deployment: str) -> dict[str, str]:
 
 class PairRequestRouter(RequestRouter):
     """Routes a call made through `on_pair` to the replica on that node; waits (backing off) while
-    it has none, so the caller's own deadline decides. Other calls: the less loaded of two
-    random replicas (Serve's own choice between the candidates)."""
+    it has none yet, so the caller's own deadline decides. Other calls, and calls for a node
+    whose replica has left: the less loaded of two random replicas (Serve's own choice between
+    the candidates)."""
+
+    _gone_nodes: frozenset[str] = frozenset()
+    """Nodes that had a replica of this deployment, as this router saw it, and have none now."""
+
+    def _pair_node(self, pending: PendingRequest) -> str:
+        """The node `pending` must run on; "" for any (no pair, or its node's replica left)."""
+        node_id = pending.metadata.multiplexed_model_id
+        return "" if node_id in self._gone_nodes else node_id
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        node_id = pending_request.metadata.multiplexed_model_id if pending_request else ""
+        node_id = self._pair_node(pending_request) if pending_request else ""
         if node_id:
             chosen = [r for r in candidate_replicas if r.node_id == node_id]
         else:
@@ -83,7 +101,7 @@ class PairRequestRouter(RequestRouter):
         internal request id, which every call made while serving one request shares (the
         router's probes and a request's prefill and decode calls): all but one would wait."""
         for pending in self._pending_requests_to_fulfill:
-            node_id = pending.metadata.multiplexed_model_id
+            node_id = self._pair_node(pending)
             if pending.future.done() or (node_id and node_id != replica.node_id):
                 continue
             self._pending_requests_to_fulfill.remove(pending)
@@ -100,7 +118,10 @@ class PairRequestRouter(RequestRouter):
         from serve_app import pairs
 
         key = (self._deployment_id.app_name, self._deployment_id.name)
+        before = set(pairs._replica_nodes.get(key, {}).values())
         pairs._replica_nodes[key] = {r.replica_id.unique_id: r.node_id for r in replicas}
+        now = {r.node_id for r in replicas}
+        self._gone_nodes = frozenset((self._gone_nodes | before) - now)
 
 
 @dataclass(frozen=True)
@@ -164,10 +185,31 @@ def pair_capacity(nodes: list[dict[str, Any]], gpus_per_pair: float) -> int:
     )
 
 
-def check_cluster_holds(num_pairs: int, gpus_per_pair: float) -> None:
+PACK_SCHEDULING_ENV = "RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY"
+
+
+def warn_unless_packed() -> None:
+    """Autoscaled pairs run on fewer GPU nodes than the cluster has, where Serve's default
+    (spread) scheduling puts a pair's two replicas on two nodes: the decode replica then waits
+    for a prefill replica on its own node. Pack scheduling places them together. Warn where this
+    process (the build: on the cluster under `serve run`/`serve deploy` of a config file) does
+    not have it; Serve's controller reads it from the head's `ray start` environment."""
+    import logging
+    import os
+
+    if os.environ.get(PACK_SCHEDULING_ENV, "0").lower() not in ("1", "true"):
+        logging.getLogger("ray.serve").warning(
+            "pairs: an autoscaling range needs %s=1 in the environment of `ray start` on the "
+            "head, or a pair's prefill and decode replicas may land on different nodes "
+            "(README, \"Pairs\")", PACK_SCHEDULING_ENV,
+        )
+
+
+def check_cluster_holds(num_pairs: int, gpus_per_pair: float, field: str = "pairs") -> None:
     """At build time, on the cluster the app is built on: refuse `pairs` it cannot place
-    (Serve would leave the extra replicas pending with no error). Nothing to check where no
-    Ray is connected (`serve build`)."""
+    (Serve would leave the extra replicas pending with no error). `field`: the setting that
+    asks for `num_pairs` (`pairs`, or an autoscaling range's `pairs.min`; its `max` may wait
+    for the cluster to grow). Nothing to check where no Ray is connected (`serve build`)."""
     import ray
 
     if num_pairs <= 1 or not ray.is_initialized():
@@ -181,8 +223,8 @@ def check_cluster_holds(num_pairs: int, gpus_per_pair: float) -> None:
             if n.get("Alive")
         )
         raise ValueError(
-            f"pairs: {num_pairs} pairs need {num_pairs} Ray nodes with a GPU each (one pair per "
+            f"{field}: {num_pairs} pairs need {num_pairs} Ray nodes with a GPU each (one pair per "
             f"node, on its GPU); this cluster can place {capacity} ({gpus}). Start one Ray node "
-            "per GPU, add nodes, or lower pairs (1.."
+            f"per GPU, add nodes, or lower {field} (1.."
             f"{max(capacity, 1)})"
         )

@@ -254,6 +254,14 @@ class _EngineServer:
         finally:
             await events.aclose()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics of this replica, pushed to the controller where
+        `pairs` autoscales (`policy/autoscale.py`); Serve never calls it otherwise."""
+        from serve_app.policy.autoscale import KV_USAGE_METRIC
+
+        engine = getattr(self, "engine", None)
+        return {KV_USAGE_METRIC: engine.stats.kv_cache_usage if engine is not None else 0.0}
+
     async def stats(self) -> dict[str, Any]:
         return {
             **asdict(self.engine.stats),
@@ -285,7 +293,8 @@ class _EngineServer:
 
 async def _prefill_of_node(prefill: Any, here: Placement, num_pairs: int) -> Placement:
     """The placement of the prefill replica on this node, once its engine is up. Raises
-    `PairSplit` as soon as every prefill replica runs and none on this node."""
+    `PairSplit` as soon as `num_pairs` prefill replicas (the most there can be) run and none on
+    this node."""
     call = asyncio.ensure_future(on_pair(prefill, here.node_id).placement.remote())
     deadline = time.monotonic() + START_WAIT_S
     try:
@@ -369,11 +378,11 @@ class DecodeServer(_EngineServer):
         here = current_placement()
         if app_cfg.start_order == "prefill_first":
             logger.info("decode waits for the prefill engine of its node")
-            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.pairs), here)
+            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.max_pairs), here)
             await self._start_engine(app_cfg)
         else:
             await self._start_engine(app_cfg)
-            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.pairs), here)
+            check_same_gpu(await _prefill_of_node(prefill, here, app_cfg.max_pairs), here)
 
     async def release_remote_kv(self, request_id: str, params: KVTransferParams) -> None:
         """Free prefill's blocks for a request that will never decode (client left between)."""

@@ -81,7 +81,10 @@ class PairSet:
     def refresh(self, nodes_of: Callable[[Any], set[str]], bind: Callable[[Any, str], Any]) -> None:
         """Meet the pairs of nodes that gained a replica, forget nodes with none; a phase whose
         replica left a node is down there (`nodes_of(handle)`: the nodes of its replicas;
-        `bind(handle, node)`: the handle routed to that node)."""
+        `bind(handle, node)`: the handle routed to that node). A forgotten pair (scaled away
+        whole) gets no new requests; those still on it keep its last health, so they wait for
+        their calls, which Serve's request router sends to other pairs (`pairs.py`), instead
+        of failing over inside a pair that is gone."""
         nodes = {phase: nodes_of(handle) for phase, handle in self.phases.items()}
         present = set().union(*nodes.values()) if nodes else set()
         for node_id in present - set(self.pairs):

@@ -25,6 +25,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+# The session's one Ray cluster runs as the README asks of autoscaled pairs
+# (test_pairs_autoscale.py): Serve packs replicas (a node's prefill and decode together; its
+# default spread put one pair's two replicas on two nodes), and replicas and the Router's handles
+# push autoscaling metrics every second instead of every 10 s. Every test runs under these.
+os.environ.setdefault("RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY", "1")
+os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
 
 def run_json_script(argv: list[str], env: dict[str, str], timeout_s: float) -> dict[str, Any]:
@@ -100,6 +107,17 @@ def http_port(ray_cluster: None) -> int:
     # One HTTP proxy, on the head: the tests that add a second node run it on this machine too.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+@pytest.fixture(scope="module")
+def second_node(ray_cluster: None) -> Iterator[str]:
+    """A second Ray node with one logical GPU, joined to the session's cluster on 127.0.0.1
+    (pairs across nodes); its processes are stopped when the module is done."""
+    from serve_app.bench.pairs import join_loopback_node
+
+    node, node_id = join_loopback_node()
+    yield node_id
+    node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
 
 
 @pytest.fixture(scope="module")

@@ -39,17 +39,6 @@ PROMPTS = [
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def second_node(ray_cluster: None) -> Iterator[str]:
-    """A second Ray node with one logical GPU, joined to the session's cluster on 127.0.0.1;
-    its processes are stopped when the module is done."""
-    from serve_app.bench.pairs import join_loopback_node
-
-    node, node_id = join_loopback_node()
-    yield node_id
-    node.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
-
-
 def test_plain_fractional_gpus_can_leave_a_prefill_without_a_gpu(second_node: str) -> None:
     """Two 0.2 "decode" actors placed before the 0.8 "prefill" ones: Ray packs both decodes on
     one card (the node that asks first), so one prefill finds no card with 0.8 free: a pair
