@@ -496,13 +496,15 @@ class AppConfig(_Strict):
     @property
     def min_pairs(self) -> int:
         """The fewest pairs the app runs: the fixed count, or the range's `min`."""
-        return self.pairs.min if isinstance(self.pairs, PairsAutoscaling) else self.pairs
+        scaling = self.pairs_autoscaling
+        return self.pairs if scaling is None else scaling.min
 
     @property
     def max_pairs(self) -> int:
         """The most pairs the app runs: the fixed count, or the range's `max` (replica ranks, so
         NIXL ports, go up to `max_pairs - 1`)."""
-        return self.pairs.max if isinstance(self.pairs, PairsAutoscaling) else self.pairs
+        scaling = self.pairs_autoscaling
+        return self.pairs if scaling is None else scaling.max
 
     @model_validator(mode="after")
     def _settings_match_the_device(self) -> AppConfig:

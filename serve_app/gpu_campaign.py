@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from serve_app.mps import MPS_CONTROL_BINARY
 from serve_app.plan import GPU_PRESETS_MIB, MIB, load_model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def step_env(c: Campaign) -> dict[str, Any]:
         info["nvidia_smi"] = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"],
             capture_output=True, text=True, check=False).stdout.strip()
-    info["mps_control"] = shutil.which("nvidia-cuda-mps-control")
+    info["mps_control"] = shutil.which(MPS_CONTROL_BINARY)
     return info
 
 
@@ -247,7 +248,7 @@ def step_mps_start(c: Campaign) -> dict[str, Any]:
 
 
 def has_mps() -> bool:
-    return shutil.which("nvidia-cuda-mps-control") is not None
+    return shutil.which(MPS_CONTROL_BINARY) is not None
 
 
 def step_mps_stop(c: Campaign) -> dict[str, Any]:
