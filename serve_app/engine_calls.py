@@ -17,6 +17,7 @@ Prefill's blocks of a request that decode will not read are released in the back
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -112,7 +113,13 @@ class EngineCalls:
         tracker = self._tracker(pair, endpoint, request, phase)
         if tracker is not None:
             request = migration.tracked_request(request)
-        first, stream = await self._first_item(pair, phase, endpoint, request, result)
+        try:
+            first, stream = await self._first_item(pair, phase, endpoint, request, result)
+        except asyncio.CancelledError:
+            # Client gone while decode had not answered: it may never have seen the request.
+            if result is not None:
+                self._release_soon(pair, request_id, result)
+            raise
         if isinstance(first, BaseException):
             if result is not None:
                 self._release_soon(pair, request_id, result)
@@ -306,34 +313,50 @@ class EngineCalls:
             pair, None, stream, "decode", decode_request, request_id, tracker,
             edit=first_token.ContinuationEvents(),
         )
-        outcome = Outcome(stream=self._continuation(pair, request, request_id, result, relay))
-        outcome.cleanups.append(stream.cancel)
+        decode_began = asyncio.Event()
+
+        def release_unless_decode_began() -> None:
+            # Decode may never have seen the request (client gone before decode's first item,
+            # even before this stream's first byte; decode failed): free prefill's blocks now.
+            # A cleanup of the stream, not its `finally`: that one does not run for a stream
+            # never iterated, and an await before it can be cancelled in turn.
+            if not decode_began.is_set():
+                self._release_soon(pair, request_id, result)
+
+        outcome = Outcome(stream=self._continuation(request, request_id, result, relay, decode_began))
+        outcome.cleanups += [stream.cancel, release_unless_decode_began]
         return outcome
 
     async def _continuation(
-        self, pair: Pair, request: Any, request_id: str, result: PrefillResult,
-        relay: AsyncIterator[str],
+        self, request: Any, request_id: str, result: PrefillResult,
+        relay: AsyncIterator[str], decode_began: asyncio.Event,
     ) -> AsyncIterator[str]:
-        started = False
         try:
             yield first_token.first_chunk(request, request_id, result)
             async for text in relay:
-                if not started:
+                if not decode_began.is_set():
                     current_request().first_item("decode")  # the end of the handoff
-                started = True
+                    decode_began.set()
                 yield text
         finally:
             await relay.aclose()
-            if not started:
-                # Decode may never have seen the request (client gone, decode failed):
-                # free prefill's blocks now.
-                self._release_soon(pair, request_id, result)
 
     def _release_soon(self, pair: Pair, request_id: str, result: PrefillResult) -> None:
         """Free prefill's blocks of a request decode will not read, in the background: this
         may run in a cancelled task, and a call to a dead decode waits for its replacement
-        (the request must not wait with it)."""
-        task = asyncio.ensure_future(self._release(pair, request_id, result))
+        (the request must not wait with it).
+
+        The call runs outside the request's context: Serve cancels the calls a cancelled
+        request made (its children, found through that context), and a client gone is when
+        this call matters most."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream collected outside the loop: the lease frees them
+            logger.warning("no event loop to release prefill blocks of %s", request_id)
+            return
+        task = loop.create_task(
+            self._release(pair, request_id, result), context=contextvars.Context()
+        )
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -342,5 +365,5 @@ class EngineCalls:
             decode = pair.server("decode")
             call = decode.release_remote_kv.remote(request_id, result.kv_transfer_params)
             await asyncio.wait_for(call, RELEASE_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - best effort; the lease frees them later anyway
+        except BaseException:  # noqa: BLE001 - best effort; the lease frees them later anyway
             logger.warning("could not release prefill blocks of %s", request_id, exc_info=True)

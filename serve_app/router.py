@@ -42,6 +42,7 @@ surviving engine) and traffic returns when it answers again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -423,13 +424,17 @@ class Router:
         self.pairs.refresh(_nodes_of, on_pair)
 
     def _ensure_monitor(self) -> None:
-        """The probes and the loop's stall ticker, started by the first call on this loop."""
+        """The probes and the loop's stall ticker, started by the first call on this loop.
+
+        In a context of their own, not that request's: Serve cancels the calls a cancelled
+        request made, and the probes would go with it if its client left."""
         if not self._monitor_tasks or any(task.done() for task in self._monitor_tasks):
             for task in self._monitor_tasks:
                 task.cancel()
             loop = asyncio.get_running_loop()
             self._monitor_tasks = [
-                loop.create_task(self.stalls.watch()), loop.create_task(self._monitor())
+                loop.create_task(coroutine, context=contextvars.Context())
+                for coroutine in (self.stalls.watch(), self._monitor())
             ]
 
     async def _monitor(self) -> None:

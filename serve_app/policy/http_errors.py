@@ -99,9 +99,19 @@ class UnexpectedErrorsAsJSON:
         try:
             await self.app(scope, receive, send_tracking)
         except Exception as exc:
+            if _client_gone(exc):
+                raise  # nobody to answer, and nothing went wrong here
             logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
             message = f"Internal error: {type(exc).__name__}: {exc}"[:1000]
             body = openai_error(500, message, "InternalServerError")
             await JSONResponse(body, 500)(scope, receive, send)
+
+
+def _client_gone(exc: Exception) -> bool:
+    """Whether `exc` is Ray Serve telling the app that its client disconnected: the proxy
+    cancels the request, and the app's next read of the request raises this."""
+    from ray.exceptions import TaskCancelledError
+
+    return isinstance(exc, TaskCancelledError)

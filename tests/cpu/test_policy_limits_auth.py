@@ -237,6 +237,12 @@ def app_with_errors() -> FastAPI:
     async def crash() -> None:
         raise RuntimeError("boom")
 
+    @app.post("/gone")
+    async def gone() -> None:
+        from ray.exceptions import TaskCancelledError
+
+        raise TaskCancelledError()  # what Ray Serve raises in the app once the client left
+
     @app.get("/typed/{number}")
     async def typed(number: int) -> dict:
         return {"number": number}
@@ -276,3 +282,17 @@ async def test_every_error_is_openai_json(method: str, path: str, status: int, e
             assert response.headers["allow"] == "POST"
         ok = await client.get("/stream")
         assert ok.text == "data: 1\n\n"
+
+
+async def test_a_client_gone_is_not_logged_as_an_unexpected_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from ray.exceptions import TaskCancelledError
+
+    transport = httpx.ASGITransport(app=app_with_errors())
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        with pytest.raises(TaskCancelledError):
+            await client.post("/gone")
+        assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+        await client.post("/crash")
+        assert [r for r in caplog.records if "unexpected error" in r.getMessage()]
