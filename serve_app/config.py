@@ -472,8 +472,8 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _pair_ports_differ(self) -> AppConfig:
-        """Replica `r` of a phase uses `nixl_side_channel_port + r`: the two ranges must not
-        overlap."""
+        """A phase's engines use `nixl_side_channel_port + 0..max_pairs-1`, one each on a host
+        (`kv_transfer.claim_side_channel`): the two ranges must not overlap."""
         num = self.max_pairs
         if self.is_unified or num == 1:
             return self
@@ -501,8 +501,8 @@ class AppConfig(_Strict):
 
     @property
     def max_pairs(self) -> int:
-        """The most pairs the app runs: the fixed count, or the range's `max` (replica ranks, so
-        NIXL ports, go up to `max_pairs - 1`)."""
+        """The most pairs the app runs: the fixed count, or the range's `max` (a phase's NIXL
+        ports go up to `nixl_side_channel_port + max_pairs - 1`)."""
         scaling = self.pairs_autoscaling
         return self.pairs if scaling is None else scaling.max
 
@@ -570,12 +570,12 @@ class AppConfig(_Strict):
             return self.kv_transfer.buffer_device
         return self.device
 
-    def for_replica(self, role: str, rank: int) -> AppConfig:
-        """This config as replica `rank` of the `role` phase runs it: its own NIXL port."""
-        if rank == 0:
+    def for_replica(self, role: str, slot: int) -> AppConfig:
+        """This config as the `role` engine with pair port `slot` (0..max_pairs-1) runs it."""
+        if slot == 0:
             return self
         phase = self.phase(role)
-        port = phase.nixl_side_channel_port + rank
+        port = phase.nixl_side_channel_port + slot
         return self.model_copy(
             update={role: phase.model_copy(update={"nixl_side_channel_port": port})}
         )

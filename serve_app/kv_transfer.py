@@ -9,7 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any
+import tempfile
+from typing import IO, Any
 
 from serve_app.config import AppConfig
 
@@ -26,8 +27,9 @@ def kv_transfer_config(cfg: AppConfig, role: str) -> dict[str, Any]:
         "kv_connector": CONNECTOR,
         "kv_role": "kv_both",
         "kv_buffer_device": cfg.kv_buffer_device,
-        # One per engine of the app: a pair's port is its own (`AppConfig.for_replica`).
-        "engine_id": f"pd-serve-{role}-{cfg.phase(role).nixl_side_channel_port}",
+        # One per engine in the cluster: a port is one engine's on its host (`claim_side_channel`),
+        # and decode keys what it learnt of a prefill engine (its NIXL agent) by this id.
+        "engine_id": f"pd-serve-{role}-{socket.gethostname()}-{cfg.phase(role).nixl_side_channel_port}",
         "kv_load_failure_policy": kv.load_failure_policy,
         "kv_connector_extra_config": {
             "kv_lease_duration": kv.lease_duration_s,
@@ -58,12 +60,57 @@ def kv_transfer_env(cfg: AppConfig, role: str) -> dict[str, str]:
     return env
 
 
-def check_side_channel_free(cfg: AppConfig, role: str) -> None:
+def claim_side_channel(cfg: AppConfig, role: str) -> tuple[AppConfig, IO[str]]:
+    """`cfg` with the `role` engine's NIXL side-channel port set to the first of its pair ports
+    (`nixl_side_channel_port + 0..max_pairs-1`) that no other replica on this host has claimed
+    and nothing listens on, and the claim: an flock to keep open for the replica's life (its
+    end, or the process's, frees the port for the next replica).
+
+    Ports come from claims rather than from Serve's replica ranks: Serve renumbers the ranks
+    when replicas leave, so a new replica's rank can be the one whose port a replica that
+    stayed on the same host still holds. A port held by something else (an orphaned engine,
+    another app) is passed over where there are others, and named in the error where none is
+    left."""
+    import fcntl
+
+    base = cfg.phase(role).nixl_side_channel_port
+    taken: list[str] = []
+    for slot in range(cfg.max_pairs):
+        port = base + slot
+        path = os.path.join(tempfile.gettempdir(), f"pd-serve-nixl-port-{port}.lock")
+        claim = open(path, "a")  # noqa: SIM115 - held open while the replica lives
+        try:
+            fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            claim.close()
+            taken.append(f"{port} is another replica's on this host")
+            continue
+        candidate = cfg.for_replica(role, slot)
+        try:
+            check_side_channel_free(candidate, role, port)
+        except RuntimeError as exc:
+            claim.close()
+            if cfg.max_pairs == 1:
+                raise
+            taken.append(str(exc))
+            continue
+        return candidate, claim
+    raise RuntimeError(
+        f"no free NIXL side-channel port for a {role} engine on this host: "
+        + "; ".join(taken)
+        + f" ({role}.nixl_side_channel_port + 0..{cfg.max_pairs - 1}, one per pair)"
+    )
+
+
+def check_side_channel_free(cfg: AppConfig, role: str, port: int | None = None) -> None:
     """Raise naming the port and its config field if the `role` engine's NIXL side channel
     cannot be bound. vLLM binds it in a thread of EngineCore and waits for it without a timeout,
     so a port already taken (an orphaned engine, another app) would hang the start silently."""
     host = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_HOST", cfg.kv_transfer.side_channel_host)
-    port = int(os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", cfg.phase(role).nixl_side_channel_port))
+    if port is None:
+        port = int(
+            os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT", cfg.phase(role).nixl_side_channel_port)
+        )
     field = f"{role}.nixl_side_channel_port"
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         # As ZMQ binds it: a port left in TIME_WAIT is free, only a listener makes it taken.

@@ -1,10 +1,10 @@
 """The two engine deployments: `PrefillServer` and `DecodeServer`.
 
-Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU; replica `r` of a
-phase is pair `r`'s as far as ports go (`AppConfig.for_replica`), and the pair it serves is the
-one on its node (`pairs.py`). Start order: the decode replica starts its engine only after the
-prefill replica of its node has started its own, so the two never profile GPU memory at the
-same time (vllm issue 55827); Serve restarts keep that order because the wait is in the decode
+Each replica owns one vLLM engine (`engine.Engine`) on its share of the GPU; its NIXL port is the
+first of its phase's pair ports free on its host (`kv_transfer.claim_side_channel`), and the pair
+it serves is the one on its node (`pairs.py`). Start order: the decode replica starts its engine
+only after the prefill replica of its node has started its own, so the two never profile GPU
+memory at the same time (vllm issue 55827); Serve restarts keep that order because the wait is in the decode
 constructor. That wait also checks that both are on one GPU (`pairs.check_same_gpu`).
 
 A deployment's `user_config` (`EngineUpdate`) changes a phase's engine in place: the replica stops
@@ -51,14 +51,6 @@ PORT_FREE_WAIT_S = 60.0
 
 class EngineRestarting(RuntimeError):
     """A call reached a replica whose engine is restarting for a new configuration."""
-
-
-def _replica_rank() -> int:
-    """This replica's rank in its deployment (0..pairs-1); 0 outside a replica (tests)."""
-    try:
-        return int(serve.get_replica_context().rank.rank)
-    except Exception:  # noqa: BLE001 - not in a replica
-        return 0
 
 
 def _user_config() -> Any:
@@ -109,12 +101,13 @@ class _EngineServer:
     async def _start_engine(self, cfg: AppConfig) -> None:
         from serve_app.engine import Engine
         from serve_app.gpu_gate import gate_replica
-        from serve_app.kv_transfer import kv_transfer_env
+        from serve_app.kv_transfer import claim_side_channel, kv_transfer_env
         from serve_app.model_source import with_local_model
         from serve_app.mps import preflight
 
-        cfg = cfg.for_replica(self.role, _replica_rank())
         if not cfg.is_unified:
+            # The first pair port free on this host, held until this replica ends.
+            cfg, self.port_claim = claim_side_channel(cfg, self.role)
             os.environ.update(kv_transfer_env(cfg, self.role))  # inherited by EngineCore
         self.cfg = cfg
         self.engine_start_began = time.time()

@@ -3,11 +3,13 @@ placement check and the config's pair rules."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from pydantic import ValidationError
 
 from serve_app.config import AppConfig
-from serve_app.kv_transfer import kv_transfer_config
+from serve_app.kv_transfer import claim_side_channel, kv_transfer_config
 from serve_app.pairs import PairSplit, Placement, check_same_gpu, pair_capacity
 from serve_app.policy.health import LoopStalls
 from serve_app.policy.pairs import KV_FULL_WEIGHT, PairSet
@@ -84,10 +86,54 @@ def test_pair_ports_must_not_overlap() -> None:
     cfg = AppConfig(pairs=4)  # 5600.. and 5610..: 10 apart
     assert cfg.for_replica("decode", 3).decode.nixl_side_channel_port == 5613
     assert kv_transfer_config(cfg.for_replica("prefill", 2), "prefill")["engine_id"] == (
-        "pd-serve-prefill-5602"
+        f"pd-serve-prefill-{socket.gethostname()}-5602"  # the same port on two hosts: two ids
     )
     with pytest.raises(ValidationError, match=r"pairs: 12 pairs use NIXL side-channel ports .* "
                        r"at least 12 apart \(they are 10\)"):
         AppConfig(pairs=12)
     with pytest.raises(ValidationError, match="pairs"):
         AppConfig(pairs=0)
+
+
+def claim_config(pairs: int) -> AppConfig:
+    """Ports no other test uses: the claims' lock files are per port, host wide."""
+    from tests.cpu.conftest import TEST_PORT_BASE
+
+    base = TEST_PORT_BASE + 200
+    return AppConfig(pairs=pairs, prefill={"nixl_side_channel_port": base},
+                     decode={"nixl_side_channel_port": base + 10})
+
+
+def test_replicas_on_one_host_claim_distinct_ports_and_a_freed_one_is_reused() -> None:
+    """Serve renumbers ranks when replicas leave, so ports come from claims, not ranks."""
+    cfg = claim_config(pairs=3)
+    base = cfg.prefill.nixl_side_channel_port
+    claims = [claim_side_channel(cfg, "prefill") for _ in range(3)]
+    try:
+        assert [c.prefill.nixl_side_channel_port for c, _ in claims] == [base, base + 1, base + 2]
+        assert claim_side_channel(cfg, "decode")[0].decode.nixl_side_channel_port == base + 10
+        with pytest.raises(RuntimeError, match=rf"no free NIXL side-channel port for a prefill "
+                           rf"engine on this host: {base} is another replica's.*"
+                           rf"prefill.nixl_side_channel_port \+ 0..2, one per pair"):
+            claim_side_channel(cfg, "prefill")
+        claims[1][1].close()  # the replica of the middle port left
+        again = claim_side_channel(cfg, "prefill")
+        assert again[0].prefill.nixl_side_channel_port == base + 1
+        claims[1] = again
+    finally:
+        for _, claim in claims:
+            claim.close()
+
+
+def test_a_port_something_else_listens_on_is_passed_over_or_named() -> None:
+    cfg = claim_config(pairs=2)
+    base = cfg.prefill.nixl_side_channel_port
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", base))
+        listener.listen()
+        port_cfg, claim = claim_side_channel(cfg, "prefill")
+        claim.close()
+        assert port_cfg.prefill.nixl_side_channel_port == base + 1
+        with pytest.raises(RuntimeError, match=rf"NIXL side-channel port {base} on 127.0.0.1 "
+                           r"\(prefill.nixl_side_channel_port\) is already in use"):
+            claim_side_channel(claim_config(pairs=1), "prefill")
