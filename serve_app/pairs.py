@@ -22,12 +22,11 @@ before it left still gets answered (its blocks are read across pairs, or recompu
 a node this process has not yet seen a replica on waits for it (a decode replica waits so for its
 node's prefill engine to start).
 
-NIXL side-channel ports and engine ids come from the replica's rank (`port + rank`), so no two
-engines of the app share a port, on one host or across hosts. Not so under autoscaling on a host
-with several Ray nodes: after a removal Serve renumbers the ranks left (a running engine keeps
-the port it started with), so a replica added later can get a rank whose port a running engine
-of the same host holds (not tried here: expect its engine to fail to start). Autoscaled pairs
-want one pair per host.
+NIXL side-channel ports are claimed per host (`kv_transfer.claim_side_channel`): each engine
+takes the first of its phase's `pairs` ports that no other replica on its host holds, so several
+Ray nodes on one host never share one, even after Serve renumbers the replica ranks on a
+scale-down. Engine ids name the host and the port, so they are unique across the cluster too
+(decode keys what it learnt of a prefill engine by its id, and reads across pairs happen).
 """
 
 from __future__ import annotations

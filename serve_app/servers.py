@@ -99,15 +99,26 @@ class _EngineServer:
     role = ""
 
     async def _start_engine(self, cfg: AppConfig) -> None:
+        from serve_app.kv_transfer import claim_side_channel
+
+        if cfg.is_unified:
+            return await self._start_on_port(cfg)
+        # The first pair port free on this host, held until this replica ends or fails to start.
+        cfg, self.port_claim = claim_side_channel(cfg, self.role)
+        try:
+            await self._start_on_port(cfg)
+        except BaseException:
+            self.port_claim.close()
+            raise
+
+    async def _start_on_port(self, cfg: AppConfig) -> None:
         from serve_app.engine import Engine
         from serve_app.gpu_gate import gate_replica
-        from serve_app.kv_transfer import claim_side_channel, kv_transfer_env
+        from serve_app.kv_transfer import kv_transfer_env
         from serve_app.model_source import with_local_model
         from serve_app.mps import preflight
 
         if not cfg.is_unified:
-            # The first pair port free on this host, held until this replica ends.
-            cfg, self.port_claim = claim_side_channel(cfg, self.role)
             os.environ.update(kv_transfer_env(cfg, self.role))  # inherited by EngineCore
         self.cfg = cfg
         self.engine_start_began = time.time()

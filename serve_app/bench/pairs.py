@@ -43,13 +43,15 @@ def _parse_args() -> argparse.Namespace:
 
 
 def join_loopback_node(timeout_s: float = 60.0) -> tuple[Any, str]:
-    """A second Ray node with one logical GPU, joined to this process's cluster on 127.0.0.1 as
+    """One more Ray node with one logical GPU, joined to this process's cluster on 127.0.0.1 as
     Ray's own `cluster_utils.Cluster.add_node` joins one (`ray start` would not: with
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it refuses to join, and with 1 it dials the GCS on the
     machine's other address). Returns the node (`kill_all_processes` stops it) and its id."""
     import ray
     from ray._private.node import Node
     from ray._private.parameter import RayParams
+
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
     params = RayParams(
         gcs_address=ray.get_runtime_context().gcs_address, node_ip_address="127.0.0.1",
@@ -58,14 +60,13 @@ def join_loopback_node(timeout_s: float = 60.0) -> tuple[Any, str]:
     )
     params.dashboard_agent_listen_port = None  # a free one, not the head's
     node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
-    head = ray.get_runtime_context().get_node_id()
     deadline = time.monotonic() + timeout_s
-    while not (others := [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]):
+    while not (joined := [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]):
         if time.monotonic() > deadline:
             node.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
-            raise TimeoutError(f"the second Ray node did not join in {timeout_s:g} s")
+            raise TimeoutError(f"the new Ray node did not join in {timeout_s:g} s")
         time.sleep(0.5)
-    return node, others[0]["NodeID"]
+    return node, joined[0]["NodeID"]
 
 
 def start_cluster() -> Any:
