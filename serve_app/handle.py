@@ -8,6 +8,9 @@ The local cluster (`make run`) listens on 127.0.0.1 only. A process whose Ray is
 address and dials the GCS there, where nothing listens: `serve.get_app_handle` then hangs.
 `app_handle` sets the variable while Ray is not imported yet and connects on loopback; where Ray
 was imported first without it, it fails at once and says what to set.
+
+`router_urls` (or `python -m serve_app.handle --router-urls`) lists the HTTP addresses where the
+app's Router replicas answer themselves, when Ray Serve's direct ingress is on (`make run`).
 """
 
 from __future__ import annotations
@@ -26,15 +29,39 @@ class LoopbackClusterError(RuntimeError):
 def app_handle(name: str = "pd", address: str = "auto") -> Any:
     """The Router handle of the app `name` on the local cluster (`address`: `auto`, or the
     GCS `host:port`). Connects this process to Ray if it is not connected yet."""
+    _connect(address)
+    from ray import serve
+
+    return serve.get_app_handle(name)
+
+
+def router_urls(name: str = "pd", address: str = "auto") -> list[str]:
+    """Where the Router replicas of app `name` serve HTTP themselves (Ray Serve's direct
+    ingress: no hop through Serve's proxy), as `http://host:port`; empty when it is off."""
+    _connect(address)
+    import ray
+    from ray.serve.context import _get_global_client
+
+    # The controller's target groups are what a load balancer in front of direct ingress reads
+    # (ray.serve.schema.TargetGroup, public alpha); with direct ingress off they name the proxies.
+    controller = _get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote(name))
+    return [
+        f"http://{target.ip}:{target.port}"
+        for group in groups
+        if group.ingress_deployment_name and group.protocol == "HTTP"
+        for target in group.targets
+    ]
+
+
+def _connect(address: str) -> None:
     if "ray" not in sys.modules:
         os.environ.setdefault(ENV, "0")
     import ray
-    from ray import serve
 
     if not ray.is_initialized():
         check_loopback_reachable(address)
         ray.init(address=address, log_to_driver=False)
-    return serve.get_app_handle(name)
 
 
 def check_loopback_reachable(address: str) -> None:
@@ -53,3 +80,21 @@ def check_loopback_reachable(address: str) -> None:
             f"{ENV}=0 in its environment, or call serve_app.handle.app_handle before "
             "importing ray"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The local app's Router addresses.")
+    parser.add_argument("--router-urls", action="store_true", required=True,
+                        help="print each HTTP address where a Router replica answers itself")
+    parser.add_argument("--app", default="pd")
+    parser.add_argument("--address", default="auto", help="the GCS host:port, or auto")
+    args = parser.parse_args(argv)
+    for url in router_urls(args.app, args.address):
+        print(url)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

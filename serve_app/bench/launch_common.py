@@ -254,7 +254,22 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+# Ray Serve's throughput-optimized mode as `scripts/serve-local` sets it (see there): the ingress
+# replica serves HTTP itself from INGRESS_PORT on. Values already in the environment win
+# (RAY_SERVE_THROUGHPUT_OPTIMIZED=0: every request through Serve's proxy).
+INGRESS_PORT = 8001
+THROUGHPUT_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(INGRESS_PORT),
+    "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8100",
+    "RAY_SERVE_PORT_QUARANTINE_S": "0",
+}
+
+
 def set_local_env() -> None:
-    """Loopback-only settings; must run before Ray or vLLM is imported."""
+    """Loopback-only settings and Serve's throughput mode; must run before Ray or vLLM is
+    imported."""
     os.environ.update(LOCAL_ENV)
+    for key, value in THROUGHPUT_ENV.items():
+        os.environ.setdefault(key, value)
     os.environ.pop("RAY_ADDRESS", None)

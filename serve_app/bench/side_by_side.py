@@ -2,8 +2,10 @@
 
     python -m serve_app.bench.side_by_side --out bench/results/cpu
 
-Systems (each serves the same model on http://127.0.0.1:PORT and is stopped, by PID, before the
-next one starts, so they never compete for the machine):
+Systems (each serves the same model on 127.0.0.1 and is stopped, by PID, before the next one
+starts, so they never compete for the machine; every Ray Serve system runs in Serve's throughput
+mode and is measured at its ingress replica's own port, as `make run` serves, unless `--via
+proxy`):
 
 - `unified`: one vLLM engine with chunked prefill behind this app's Router (the baseline),
 - `pd`: this app, prefill and decode engines with the NIXL handoff,
@@ -52,7 +54,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from serve_app.bench.launch_common import load_serve_yaml, model_source
+from serve_app.bench.launch_common import INGRESS_PORT, load_serve_yaml, model_source
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import save_json
 from serve_app.bench.side_by_side_workloads import (
@@ -115,6 +117,8 @@ class System:
     label: str
     argv: list[str]
     description: str
+    is_serve: bool = True
+    """A Ray Serve app: with `--via ingress`, measured at its ingress replica's own port."""
 
 
 def has_gpu() -> bool:
@@ -166,7 +170,8 @@ def systems(setup: Setup) -> dict[str, System]:
             System("ray-pd", [py, "-m", "serve_app.bench.ray_llm_pd", *launcher_args],
                    "Ray Serve LLM build_pd_openai_app, same engines and NIXL settings"),
             System("direct", [py, "-m", "serve_app.bench.direct_pd", *launcher_args],
-                   "two vLLM OpenAI servers + a bare proxy (floor for router overhead)"),
+                   "two vLLM OpenAI servers + a bare proxy (floor for router overhead)",
+                   is_serve=False),
         )
     }
 
@@ -210,8 +215,24 @@ def _check_serve_config(spec: str, config: Path) -> None:
                          f"side-by-side talks to {PORT}")
 
 
-def start(system: System, log_path: Path, timeout_s: float) -> subprocess.Popen:
+def base_url(system: System, via: str) -> str:
+    """Where the workloads go: the Serve app's ingress replica itself (Serve's direct ingress,
+    as `make run` serves), or Serve's HTTP proxy (`--via proxy`)."""
+    is_direct = via == "ingress" and system.is_serve
+    return f"http://127.0.0.1:{INGRESS_PORT if is_direct else PORT}"
+
+
+def system_env(via: str) -> dict[str, str]:
+    """The launched system's environment: Serve's throughput mode on (as `scripts/serve-local`
+    and `launch_common.set_local_env` set it) or, with `--via proxy`, off."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if via == "ingress" else "0"
+    return env
+
+
+def start(system: System, log_path: Path, timeout_s: float, via: str = "ingress"
+          ) -> subprocess.Popen:
+    env = system_env(via)
     log = log_path.open("w")
     proc = subprocess.Popen(system.argv, cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -219,16 +240,16 @@ def start(system: System, log_path: Path, timeout_s: float) -> subprocess.Popen:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{system.label} exited early; see {log_path}")
-        if _models_ready():
+        if _models_ready(base_url(system, via)):
             return proc
         time.sleep(3)
     stop(proc)
     raise TimeoutError(f"{system.label} did not answer in {timeout_s:.0f} s; see {log_path}")
 
 
-def _models_ready() -> bool:
+def _models_ready(url: str) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2).status_code == 200
+        return httpx.get(f"{url}/v1/models", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -260,12 +281,13 @@ def round_order(labels: list[str], round_no: int) -> list[str]:
 
 
 def run_workloads(
-    label: str, opts: argparse.Namespace, setup: Setup, round_no: int
+    system: System, opts: argparse.Namespace, setup: Setup, round_no: int
 ) -> list[list[str]]:
     """Every workload on the running system; returns the saved runs' bench commands."""
+    label = system.label
     log = opts.out / "rounds" / f"{label}.r{round_no}.bench.log"
     log.write_text("")
-    steps = workload_steps(label, opts, f"http://127.0.0.1:{PORT}", setup.model_name,
+    steps = workload_steps(label, opts, base_url(system, opts.via), setup.model_name,
                            setup.model_source, round_no)
     commands = [(step.kind, bench(step.args, log)) for step in steps]
     return [command for kind, command in commands if kind is not None]
@@ -383,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run this app from another serve config, started like `pd` "
                         "(repeatable), e.g. pd-nocond=configs/local-cpu-nocond.yaml")
     add_workload_args(parser)
+    parser.add_argument("--via", choices=("ingress", "proxy"), default="ingress",
+                        help="send the workloads to each Serve app's ingress replica itself "
+                        "(Ray Serve's throughput mode with direct ingress, as `make run` "
+                        "serves; the default) or through Serve's HTTP proxy (that mode off)")
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--rounds", type=int, default=3,
                         help="runs of every system, interleaved; results are pooled")
@@ -444,10 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             system = plan.catalog[label]
             print(f"{tag} starting: {' '.join(system.argv)}", flush=True)
             log = opts.out / "rounds" / f"{label}.r{round_no}.server.log"
-            proc = start(system, log, opts.start_timeout_s)
+            proc = start(system, log, opts.start_timeout_s, opts.via)
             try:
                 print(f"{tag} running workloads", flush=True)
-                commands[label] = run_workloads(label, opts, setup, round_no)
+                commands[label] = run_workloads(system, opts, setup, round_no)
             finally:
                 stop(proc)
     pool_rounds(labels, opts.out, opts.rounds, kinds)

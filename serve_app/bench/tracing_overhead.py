@@ -34,10 +34,11 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.bench.launch_common import INGRESS_PORT
 from serve_app.bench.side_by_side import stop
 
 ROOT = Path(__file__).resolve().parents[2]
-PORT = 8000
+PORT = INGRESS_PORT  # the Router's own port (`scripts/serve-local`: Serve's direct ingress)
 
 
 class SpanSink:

@@ -1,6 +1,7 @@
 """`make run`'s path: `scripts/serve-local configs/local-cpu.yaml`, i.e. `serve run` on its own
-Ray. It answers a completion, every connection it makes stays on loopback, and after SIGTERM
-nothing it started is left running."""
+Ray, in Ray Serve's throughput mode. It answers through Serve's proxy and at the Router's own port
+(direct ingress) alike, every connection it makes stays on loopback, and after SIGTERM nothing it
+started is left running."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import pytest
 from tests.cpu.conftest import MODEL_NAME, ROOT
 
 HTTP_PORT = 8000  # configs/local-cpu.yaml http_options.port
+ROUTER_PORT = 8001  # scripts/serve-local: the first port of Serve's direct ingress
+LONG_PROMPT = " ".join(f"word{i % 97}" for i in range(400))  # past the short-prompt rule: prefill
 START_TIMEOUT_S = 900
 
 
@@ -39,8 +42,9 @@ def port_is_free(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    if not port_is_free(HTTP_PORT):
-        pytest.skip(f"port {HTTP_PORT} is in use (is `make run` running?)")
+    for port in (HTTP_PORT, ROUTER_PORT):
+        if not port_is_free(port):
+            pytest.skip(f"port {port} is in use (is `make run` running?)")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log_path = tmp_path_factory.mktemp("serve-local") / "serve-local.log"
     print(f"serve-local log: {log_path}")
@@ -85,10 +89,74 @@ def process_tree(root_pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def engine_gauges(url: str) -> dict[str, float]:
+    """Both engines' running requests and KV usage, from the app's `/metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"vllm:num_requests_running", "vllm:kv_cache_usage_perc"}
+    gauges = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                gauges[f"{sample.name}/{sample.labels['phase']}"] = sample.value
+    return gauges
+
+
+def router_urls_printed(served: subprocess.Popen) -> list[str]:
+    """`python -m serve_app.handle --router-urls`, pointed at serve-local's own GCS (this test
+    session runs a Ray of its own, so `auto` could find either)."""
+    gcs = next(p for p in process_tree(served.pid) if p.name() == "gcs_server")
+    ports = sorted(c.laddr.port for c in gcs.net_connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN)
+    assert len(ports) == 1, ports  # its one gRPC port (`--address local` picks it)
+    port = ports[0]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "serve_app.handle", "--router-urls", "--address",
+         f"127.0.0.1:{port}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.split()
+
+
+def check_router_port(served: subprocess.Popen) -> None:
+    """The Router answers itself on ROUTER_PORT: the same greedy text as through the proxy, on
+    the disaggregated route; a stream; OpenAI error JSON for a bad body; a client gone mid-stream
+    leaves nothing in either engine."""
+    assert router_urls_printed(served) == [f"http://127.0.0.1:{ROUTER_PORT}"]
+    router_url, proxy_url = (f"http://127.0.0.1:{port}" for port in (ROUTER_PORT, HTTP_PORT))
+    body = {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0.0}
+    answers = [httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+               for url in (router_url, proxy_url)]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].headers["x-pd-route"].startswith("disaggregated")
+    assert answers[0].json()["choices"][0]["text"] == answers[1].json()["choices"][0]["text"]
+
+    client = openai.OpenAI(base_url=f"{router_url}/v1", api_key="unused")
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 6
+
+    bad = httpx.post(f"{router_url}/v1/completions", content=b"9" * 10_000, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == 400
+
+    for _ in range(3):
+        with httpx.stream("POST", f"{router_url}/v1/completions", timeout=120,
+                          json={**body, "max_tokens": 1500, "ignore_eos": True, "stream": True}
+                          ) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 60
+    while any(engine_gauges(router_url).values()):
+        assert time.monotonic() < deadline, engine_gauges(router_url)
+        time.sleep(1)
+
+
 def test_serve_run_answers_stays_on_loopback_and_cleans_up(served: subprocess.Popen) -> None:
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{HTTP_PORT}/v1", api_key="unused")
     response = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=5)
     assert response.usage.completion_tokens == 5
+    check_router_port(served)
 
     processes = process_tree(served.pid)
     names = " ".join(p.name() for p in processes)
