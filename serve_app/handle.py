@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+ROUTER_LOOP_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 
 
 class LoopbackClusterError(RuntimeError):
@@ -57,6 +58,11 @@ def router_urls(name: str = "pd", address: str = "auto") -> list[str]:
 def _connect(address: str) -> None:
     if "ray" not in sys.modules:
         os.environ.setdefault(ENV, "0")
+    if "ray.serve" not in sys.modules:
+        # A shell that exported RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (as `make run` sets for its own
+        # processes) would also turn off the handle's own router loop, and a plain script's
+        # `.result()` then fails for want of a running event loop.
+        os.environ.setdefault(ROUTER_LOOP_ENV, "1")
     import ray
 
     if not ray.is_initialized():

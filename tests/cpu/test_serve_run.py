@@ -6,6 +6,7 @@ started is left running."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import signal
 import socket
@@ -102,21 +103,45 @@ def engine_gauges(url: str) -> dict[str, float]:
     return gauges
 
 
-def router_urls_printed(served: subprocess.Popen) -> list[str]:
-    """`python -m serve_app.handle --router-urls`, pointed at serve-local's own GCS (this test
-    session runs a Ray of its own, so `auto` could find either)."""
+def gcs_address(served: subprocess.Popen) -> str:
+    """serve-local's own GCS (this test session runs a Ray of its own, so `auto` could find
+    either)."""
     gcs = next(p for p in process_tree(served.pid) if p.name() == "gcs_server")
     ports = sorted(c.laddr.port for c in gcs.net_connections(kind="inet")
                    if c.status == psutil.CONN_LISTEN)
     assert len(ports) == 1, ports  # its one gRPC port (`--address local` picks it)
-    port = ports[0]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run(
-        [sys.executable, "-m", "serve_app.handle", "--router-urls", "--address",
-         f"127.0.0.1:{port}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return f"127.0.0.1:{ports[0]}"
+
+
+def run_python(served: subprocess.Popen, args: list[str], **env: str) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=environ,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.split()
+    return result.stdout
+
+
+def router_urls_printed(served: subprocess.Popen) -> list[str]:
+    """`python -m serve_app.handle --router-urls`, pointed at serve-local's GCS."""
+    args = ["-m", "serve_app.handle", "--router-urls", "--address", gcs_address(served)]
+    return run_python(served, args).split()
+
+
+HANDLE_SNIPPET = """
+import json, sys
+from serve_app.handle import app_handle
+router = app_handle("pd", address=sys.argv[1])
+body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0.0}
+print(json.dumps(router.completions.remote(body).result(timeout_s=60)))
+"""
+
+
+def check_handle_snippet(served: subprocess.Popen) -> None:
+    """README's handle snippet from a plain script, in a shell that exported Serve's
+    throughput mode as `make run` does (which would otherwise leave the handle no loop)."""
+    out = run_python(served, ["-c", HANDLE_SNIPPET, gcs_address(served)],
+                     RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
+    assert json.loads(out.strip().splitlines()[-1])["usage"]["completion_tokens"] == 4
 
 
 def check_router_port(served: subprocess.Popen) -> None:
@@ -157,6 +182,7 @@ def test_serve_run_answers_stays_on_loopback_and_cleans_up(served: subprocess.Po
     response = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=5)
     assert response.usage.completion_tokens == 5
     check_router_port(served)
+    check_handle_snippet(served)
 
     processes = process_tree(served.pid)
     names = " ".join(p.name() for p in processes)
