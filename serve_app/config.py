@@ -298,9 +298,12 @@ class RoutingConfig(_Strict):
     decode_peak_tflops: float = Field(default=989.0, gt=0.0)
     """GPU only: the card's dense BF16 peak (H100/H200: 989), scaled by decode's SM share."""
     prefill_backlog_ratio: float = Field(default=4.0, ge=1.0)
-    """Load rule: prefill's queue this many times deeper than decode's (plus one) ..."""
+    """Load rule: prefill's queued prompt tokens this many times what decode's would be with
+    the prompt moved there ..."""
     prefill_backlog_min: int = Field(default=4, ge=1)
-    """... and at least this deep sends prompts up to `backlog_local_max_tokens` decode-local."""
+    """... and at least this many prefill calls queued send prompts up to
+    `backlog_local_max_tokens` decode-local (any prompt of a request that would run whole on
+    prefill: `short_output_tokens`)."""
     backlog_local_max_tokens: int | None = Field(default=None, ge=0)
     """Longest prompt the load rule keeps local; None: 4 x `short_prompt_tokens`."""
 

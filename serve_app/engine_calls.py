@@ -62,8 +62,12 @@ class EngineCalls:
         self.cfg = cfg
         self._releases: set[asyncio.Future] = set()
 
-    async def prefill(self, pair: Pair, endpoint: Endpoint, request: Any, request_id: str) -> Any:
+    async def prefill(
+        self, pair: Pair, endpoint: Endpoint, request: Any, request_id: str, num_tokens: int = 0
+    ) -> Any:
+        """`num_tokens`: the prompt's, counted as prefill's queued work until it answers."""
         pair.num_queued["prefill"] += 1
+        pair.queued_tokens["prefill"] += num_tokens
         try:
             call = pair.server("prefill").prefill.remote(
                 endpoint, prepare_prefill_request(request, request_id),
@@ -83,6 +87,7 @@ class EngineCalls:
             return self._prefill_failed(pair, f"{type(exc).__name__}: {exc}")
         finally:
             pair.num_queued["prefill"] -= 1
+            pair.queued_tokens["prefill"] -= num_tokens
         pair.health["prefill"].alive()
         if isinstance(response, PrefillResult):
             return response
@@ -107,14 +112,18 @@ class EngineCalls:
         request: Any,
         request_id: str,
         result: PrefillResult | None,
+        num_tokens: int = 0,
     ) -> Outcome:
         """Run `request` on `phase`'s engine; one that fails before its first byte is marked
-        down and the whole request runs on the other engine, if that one is up."""
+        down and the whole request runs on the other engine, if that one is up. `num_tokens`:
+        the prompt's, counted as the engine's queued work until the first item."""
         tracker = self._tracker(pair, endpoint, request, phase)
         if tracker is not None:
             request = migration.tracked_request(request)
         try:
-            first, stream = await self._first_item(pair, phase, endpoint, request, result)
+            first, stream = await self._first_item(
+                pair, phase, endpoint, request, result, num_tokens
+            )
         except asyncio.CancelledError:
             # Client gone while decode had not answered: it may never have seen the request.
             if result is not None:
@@ -159,7 +168,7 @@ class EngineCalls:
 
     async def _first_item(
         self, pair: Pair, phase: str, endpoint: Endpoint, request: Any,
-        result: PrefillResult | None,
+        result: PrefillResult | None, num_tokens: int = 0,
     ) -> tuple[Any, Any]:
         """The stream of `request` on `phase` and its first item (or the exception instead)."""
         signature = None if result is None else pair.health["prefill"].kv_signature
@@ -171,7 +180,10 @@ class EngineCalls:
         # A stream's first item is its place in the engine's queue; a unary answer's is the
         # whole request, so it does not count (the probes report the engine's own queue).
         queued = 1 if request.stream else 0
+        # A prompt decode reads over NIXL is no work waiting there.
+        tokens = queued * num_tokens if result is None else 0
         pair.num_queued[phase] += queued
+        pair.queued_tokens[phase] += tokens
         try:
             first = await self._while_up(pair, phase, stream.__anext__(), stream.cancel)
             current_request().first_item(phase)
@@ -186,6 +198,7 @@ class EngineCalls:
             return exc, stream
         finally:
             pair.num_queued[phase] -= queued
+            pair.queued_tokens[phase] -= tokens
 
     async def _while_up(
         self, pair: Pair, phase: str, call: Any, cancel: Callable[[], Any],

@@ -279,7 +279,7 @@ class Router:
             release = self._assign(pair, slot)
             decision = self._route(pair, request, num_prompt_tokens)
             current_request().routed(decision.route.value, decision.reason.value)
-            outcome = await self._serve(pair, endpoint, request, decision)
+            outcome = await self._serve(pair, endpoint, request, decision, num_prompt_tokens)
         except BaseException:
             release()
             raise
@@ -355,19 +355,24 @@ class Router:
             is_compatible=is_compatible(prefill, decode),
             num_prefill_queued=pair.num_queued["prefill"],
             num_decode_queued=pair.num_queued["decode"] + decode.num_waiting_reqs,
+            prefill_queued_tokens=pair.queued_tokens["prefill"],
+            decode_queued_tokens=pair.queued_tokens["decode"],
         )
         return self.route_policy.decide(
             num_prompt_tokens, can_disaggregate(request), view, max_output_tokens(request)
         )
 
     async def _serve(
-        self, pair: Pair, endpoint: Endpoint, request: Any, decision: RouteDecision
+        self, pair: Pair, endpoint: Endpoint, request: Any, decision: RouteDecision,
+        num_prompt_tokens: int,
     ) -> Outcome:
         request_id = current_request().request_id  # the trace id, then the Router span's
         result: PrefillResult | None = None
         if decision.route is Route.DISAGGREGATED:
             current_request().prefill_started()
-            prefilled = await self.engine_calls.prefill(pair, endpoint, request, request_id)
+            prefilled = await self.engine_calls.prefill(
+                pair, endpoint, request, request_id, num_prompt_tokens
+            )
             current_request().prefill_finished(prefilled)
             if isinstance(prefilled, Outcome):
                 return prefilled
@@ -389,7 +394,7 @@ class Router:
         phase = "prefill" if decision.route is Route.PREFILL_ONLY else "decode"
         decode_request = prepare_decode_request(request, request_id, result)
         outcome = await self.engine_calls.generate(
-            pair, phase, endpoint, decode_request, request_id, result
+            pair, phase, endpoint, decode_request, request_id, result, num_prompt_tokens
         )
         return self._with_route(outcome, decision)
 

@@ -32,6 +32,8 @@ class Pair:
     health: dict[str, PhaseHealth] = field(init=False)
     num_queued: dict[str, int] = field(init=False)
     """Calls of this router waiting on each engine (prefill calls, first stream items)."""
+    queued_tokens: dict[str, int] = field(init=False)
+    """The prompt tokens of those calls: the work waiting on each engine."""
     num_in_flight: int = 0
     """Requests of this router on this pair, from the choice to the stream's end."""
     present: set[str] = field(default_factory=set)
@@ -40,6 +42,7 @@ class Pair:
     def __post_init__(self) -> None:
         self.health = {phase: PhaseHealth(phase, self.stalls) for phase in self.servers}
         self.num_queued = dict.fromkeys(self.servers, 0)
+        self.queued_tokens = dict.fromkeys(self.servers, 0)
 
     @property
     def name(self) -> str:

@@ -13,9 +13,11 @@ The rules, in order (`RoutePolicy.decide`):
    two phases' KV layouts disagree -> `decode_only`. Both down is refused earlier (admission).
 2. Shape: requests one prefill cannot hand to one decode (n > 1, beam search) -> `decode_only`.
 3. Length: fewer prompt tokens than `short_prompt_tokens` -> `decode_only`.
-4. Load: prefill's queue far deeper than decode's (`prefill_backlog_ratio` times, and at least
-   `prefill_backlog_min` requests) and the prompt no longer than `backlog_local_max_tokens` ->
-   `decode_only`: decode computes it now instead of after the backlog.
+4. Load: prefill's queue far deeper than decode's would be with this prompt (in prompt tokens
+   waiting: `prefill_backlog_ratio` times, and at least `prefill_backlog_min` requests), and the
+   prompt no longer than `backlog_local_max_tokens`, or of any length for a request that would
+   run whole anyway (rule 5) -> `decode_only`: decode computes it now instead of after the
+   backlog. Work, not requests: one queued document outweighs a dozen queued chats.
 5. Output: a request that asks for at most `short_output_tokens` tokens -> `prefill_only`. The
    handoff is paid once per request and buys an undisturbed decode for its output tokens; for a
    few tokens it costs more than it buys (a `max_tokens=1` request gains nothing from decode at
@@ -87,6 +89,10 @@ class PhaseView:
     """Prefill calls sent and not answered yet."""
     num_decode_queued: int = 0
     """Decode calls sent that have not produced their first item yet."""
+    prefill_queued_tokens: int = 0
+    """The prompt tokens of the queued prefill calls."""
+    decode_queued_tokens: int = 0
+    """The prompt tokens decode has yet to compute for its queued calls (none for a handoff)."""
 
 
 UNIFIED = RouteDecision(Route.UNIFIED, Reason.UNIFIED)
@@ -125,16 +131,21 @@ class RoutePolicy:
             return RouteDecision(Route.DISAGGREGATED, Reason.ALWAYS)
         if num_prompt_tokens < self.short_prompt_tokens:
             return RouteDecision(Route.DECODE_ONLY, Reason.SHORT_PROMPT)
-        if num_prompt_tokens <= self.backlog_local_max_tokens and self._is_backlogged(view):
+        is_whole = max_output_tokens is not None and max_output_tokens <= self.short_output_tokens
+        if (
+            is_whole or num_prompt_tokens <= self.backlog_local_max_tokens
+        ) and self._is_backlogged(view, num_prompt_tokens):
             return RouteDecision(Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
-        if max_output_tokens is not None and max_output_tokens <= self.short_output_tokens:
+        if is_whole:
             return RouteDecision(Route.PREFILL_ONLY, Reason.SHORT_OUTPUT)
         return RouteDecision(Route.DISAGGREGATED, Reason.LONG_PROMPT)
 
-    def _is_backlogged(self, view: PhaseView) -> bool:
-        queued = view.num_prefill_queued
-        return queued >= self.cfg.prefill_backlog_min and queued >= self.cfg.prefill_backlog_ratio * (
-            view.num_decode_queued + 1
+    def _is_backlogged(self, view: PhaseView, num_prompt_tokens: int) -> bool:
+        """Prefill's queued work is `prefill_backlog_ratio` times what decode's would be with
+        this prompt moved there (and prefill has `prefill_backlog_min` calls queued)."""
+        return view.num_prefill_queued >= self.cfg.prefill_backlog_min and (
+            view.prefill_queued_tokens
+            >= self.cfg.prefill_backlog_ratio * (view.decode_queued_tokens + num_prompt_tokens)
         )
 
 

@@ -64,15 +64,29 @@ def test_unconditional_sends_every_splittable_prompt_to_prefill() -> None:
 
 
 def test_load_rule_flips_a_mid_prompt_under_a_prefill_backlog() -> None:
+    """Queues weigh in prompt tokens: prefill's must be 4x what decode's would be with this
+    prompt moved there, with at least 4 calls queued."""
     rules = policy(prefill_backlog_ratio=4, prefill_backlog_min=4)
-    backlog = PhaseView(num_prefill_queued=8, num_decode_queued=1)
+    # 4 x (500 + 600) = 4,400 <= 8 x 600 queued on prefill.
+    backlog = PhaseView(num_prefill_queued=8, prefill_queued_tokens=4800, decode_queued_tokens=500)
     assert rules.decide(600, True, backlog).reason is Reason.PREFILL_BACKLOG
-    # Not deep enough, or decode as busy: prefill still.
-    assert rules.decide(600, True, PhaseView(num_prefill_queued=3)).route is Route.DISAGGREGATED
-    busy_decode = PhaseView(num_prefill_queued=8, num_decode_queued=4)
+    # Not deep enough in calls, or in work: prefill still.
+    few = PhaseView(num_prefill_queued=3, prefill_queued_tokens=100_000)
+    assert rules.decide(600, True, few).route is Route.DISAGGREGATED
+    busy_decode = PhaseView(num_prefill_queued=8, prefill_queued_tokens=4800,
+                            decode_queued_tokens=700)
     assert rules.decide(600, True, busy_decode).route is Route.DISAGGREGATED
-    # Longer than 4 x the threshold: a backlog does not make a document local.
-    assert rules.decide(1025, True, backlog).route is Route.DISAGGREGATED
+    # Many queued calls of little work: a dozen chats' worth is no backlog for a mid prompt.
+    chats = PhaseView(num_prefill_queued=12, prefill_queued_tokens=12 * 64)
+    assert rules.decide(600, True, chats).route is Route.DISAGGREGATED
+    # Longer than 4 x the threshold: a backlog does not make a document local ...
+    deep = PhaseView(num_prefill_queued=8, prefill_queued_tokens=8 * 1700)
+    assert rules.decide(1700, True, deep).route is Route.DISAGGREGATED
+    # ... unless it runs whole anyway (a few output tokens): then decode runs it now.
+    whole = RoutePolicy(RoutingConfig(), short_prompt_tokens=256, short_output_tokens=16)
+    moved = whole.decide(1700, True, deep, max_output_tokens=8)
+    assert (moved.route, moved.reason) == (Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
+    assert whole.decide(1700, True, IDLE, max_output_tokens=8).route is Route.PREFILL_ONLY
 
 
 def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
@@ -86,7 +100,7 @@ def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
     assert rules.decide(5000, True, IDLE, max_output_tokens=None).route is Route.DISAGGREGATED
     # A short prompt stays on decode, a backlog's mid prompt too, a dead prefill wins.
     assert rules.decide(10, True, IDLE, max_output_tokens=1).reason is Reason.SHORT_PROMPT
-    backlog = PhaseView(num_prefill_queued=8)
+    backlog = PhaseView(num_prefill_queued=8, prefill_queued_tokens=8 * 600)
     assert rules.decide(600, True, backlog, max_output_tokens=1).reason is Reason.PREFILL_BACKLOG
     down = PhaseView(is_prefill_up=False)
     assert rules.decide(5000, True, down, max_output_tokens=1).reason is Reason.PREFILL_DOWN

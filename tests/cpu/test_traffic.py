@@ -118,8 +118,8 @@ def test_a_few_output_tokens_run_whole_on_prefill(app: dict[str, Any]) -> None:
 
 
 def test_load_rule_keeps_a_mid_prompt_local_under_a_prefill_backlog(app: dict[str, Any]) -> None:
-    """While a dozen long prompts queue in prefill (the backlog rule needs 4, and 4x decode's
-    queue), a prompt just over the threshold runs decode-local; once prefill is idle again, the
+    """While a dozen long prompts queue in prefill (the backlog rule needs 4, and 4x the prompt
+    tokens decode would have queued), a prompt just over the threshold runs decode-local; once prefill is idle again, the
     same prompt is disaggregated."""
     mid_prompt = " ".join(["word"] * 30)  # ~90 tokens: over the threshold, under 4x it
     longest = " ".join(f"chapter {i} of a long report on queues" for i in range(90))
