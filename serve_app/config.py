@@ -302,8 +302,7 @@ class RoutingConfig(_Strict):
     the prompt moved there ..."""
     prefill_backlog_min: int = Field(default=4, ge=1)
     """... and at least this many prefill calls queued send prompts up to
-    `backlog_local_max_tokens` decode-local (any prompt of a request that would run whole on
-    prefill: `short_output_tokens`)."""
+    `backlog_local_max_tokens` decode-local."""
     backlog_local_max_tokens: int | None = Field(default=None, ge=0)
     """Longest prompt the load rule keeps local; None: 4 x `short_prompt_tokens`."""
 

@@ -15,9 +15,10 @@ The rules, in order (`RoutePolicy.decide`):
 3. Length: fewer prompt tokens than `short_prompt_tokens` -> `decode_only`.
 4. Load: prefill's queue far deeper than decode's would be with this prompt (in prompt tokens
    waiting: `prefill_backlog_ratio` times, and at least `prefill_backlog_min` requests), and the
-   prompt no longer than `backlog_local_max_tokens`, or of any length for a request that would
-   run whole anyway (rule 5) -> `decode_only`: decode computes it now instead of after the
-   backlog. Work, not requests: one queued document outweighs a dozen queued chats.
+   prompt no longer than `backlog_local_max_tokens` -> `decode_only`: decode computes it now
+   instead of after the backlog. Work, not requests: one queued document outweighs a dozen
+   queued chats. Longer prompts stay on prefill whatever the backlog: moving whole documents
+   onto decode slowed its streams more than it saved them (README, "Mixed workloads").
 5. Output: a request that asks for at most `short_output_tokens` tokens -> `prefill_only`. The
    handoff is paid once per request and buys an undisturbed decode for its output tokens; for a
    few tokens it costs more than it buys (a `max_tokens=1` request gains nothing from decode at
@@ -131,12 +132,11 @@ class RoutePolicy:
             return RouteDecision(Route.DISAGGREGATED, Reason.ALWAYS)
         if num_prompt_tokens < self.short_prompt_tokens:
             return RouteDecision(Route.DECODE_ONLY, Reason.SHORT_PROMPT)
-        is_whole = max_output_tokens is not None and max_output_tokens <= self.short_output_tokens
-        if (
-            is_whole or num_prompt_tokens <= self.backlog_local_max_tokens
-        ) and self._is_backlogged(view, num_prompt_tokens):
+        if num_prompt_tokens <= self.backlog_local_max_tokens and self._is_backlogged(
+            view, num_prompt_tokens
+        ):
             return RouteDecision(Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
-        if is_whole:
+        if max_output_tokens is not None and max_output_tokens <= self.short_output_tokens:
             return RouteDecision(Route.PREFILL_ONLY, Reason.SHORT_OUTPUT)
         return RouteDecision(Route.DISAGGREGATED, Reason.LONG_PROMPT)
 

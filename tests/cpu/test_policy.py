@@ -79,14 +79,13 @@ def test_load_rule_flips_a_mid_prompt_under_a_prefill_backlog() -> None:
     # Many queued calls of little work: a dozen chats' worth is no backlog for a mid prompt.
     chats = PhaseView(num_prefill_queued=12, prefill_queued_tokens=12 * 64)
     assert rules.decide(600, True, chats).route is Route.DISAGGREGATED
-    # Longer than 4 x the threshold: a backlog does not make a document local ...
+    # Longer than 4 x the threshold: a backlog does not make a document local, not even one
+    # that runs whole on prefill (a few output tokens).
     deep = PhaseView(num_prefill_queued=8, prefill_queued_tokens=8 * 1700)
     assert rules.decide(1700, True, deep).route is Route.DISAGGREGATED
-    # ... unless it runs whole anyway (a few output tokens): then decode runs it now.
     whole = RoutePolicy(RoutingConfig(), short_prompt_tokens=256, short_output_tokens=16)
-    moved = whole.decide(1700, True, deep, max_output_tokens=8)
-    assert (moved.route, moved.reason) == (Route.DECODE_ONLY, Reason.PREFILL_BACKLOG)
-    assert whole.decide(1700, True, IDLE, max_output_tokens=8).route is Route.PREFILL_ONLY
+    kept = whole.decide(1700, True, deep, max_output_tokens=8)
+    assert (kept.route, kept.reason) == (Route.PREFILL_ONLY, Reason.SHORT_OUTPUT)
 
 
 def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
