@@ -54,6 +54,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from serve_app.bench import cpu_time
 from serve_app.bench.launch_common import INGRESS_PORT, load_serve_yaml, model_source
 from serve_app.bench.pool import pool_results
 from serve_app.bench.records import save_json
@@ -289,8 +290,20 @@ def run_workloads(
     log.write_text("")
     steps = workload_steps(label, opts, base_url(system, opts.via), setup.model_name,
                            setup.model_source, round_no)
-    commands = [(step.kind, bench(step.args, log)) for step in steps]
-    return [command for kind, command in commands if kind is not None]
+    commands: list[list[str]] = []
+    usage: dict[str, dict[str, object]] = {}
+    for step in steps:
+        before, started = cpu_time.snapshot(), time.monotonic()
+        command = bench(step.args, log)
+        if step.kind is None:
+            continue  # a warm-up
+        wall_s = time.monotonic() - started
+        cpu_s = cpu_time.cpu_by_group(before, cpu_time.snapshot())
+        num_requests = cpu_time.count_requests(round_path(opts.out, label, step.kind, round_no))
+        usage[step.kind] = {"wall_s": round(wall_s, 3), "requests": num_requests, "cpu_s": cpu_s}
+        commands.append(command)
+    cpu_time.cpu_path(opts.out, label, round_no).write_text(json.dumps(usage, indent=2))
+    return commands
 
 
 def pool_rounds(labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...]) -> None:
@@ -348,7 +361,7 @@ def report(
 
 def write_summary(
     opts: argparse.Namespace, setup: Setup, sections, argv: list[str], headlines,
-    catalog: dict[str, System], labels: list[str],
+    catalog: dict[str, System], labels: list[str], cpu: str = "",
 ) -> None:
     out = opts.out
     titles = {"c1": "Concurrency 1 (added latency)", "c8": "Concurrency 8 (throughput)",
@@ -374,6 +387,13 @@ def write_summary(
     lines += ["## Headline figures, round by round", "", "```", table.rstrip(), "```", ""]
     for kind, table in sections:
         lines += [f"## {titles[kind]}", "", "```", table.rstrip(), "```", ""]
+    if cpu:
+        lines += ["## CPU per request, by process group (every round pooled)", "",
+                  "Read from `/proc` around each measured workload (`serve_app/bench/cpu_time.py`"
+                  "): `engine` vLLM's EngineCore and workers, `request path` Serve's replicas "
+                  "(Router, servers with vLLM's frontends) and proxy, `ray` Ray's own "
+                  "processes, `client` the benchmark client.", "", "```", cpu.rstrip(), "```",
+                  ""]
     kinds = workload_kinds(opts)
     per_class = " (and per class, `*_CLASS.png`)" if opts.mix else ""
     lines += [f"Plots: `plots/` (pooled){per_class}. Raw per-request records: "
@@ -479,11 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     pool_rounds(labels, opts.out, opts.rounds, kinds)
     sections = report(labels, opts.out, commands, argv, kinds)
     headlines = headline(labels, opts.out, opts.rounds, kinds, ["pd", *plan.extra_labels])
-    write_summary(opts, setup, sections, argv, headlines, plan.catalog, labels)
+    cpu = cpu_time.tables(labels, opts.out, opts.rounds, kinds)
+    write_summary(opts, setup, sections, argv, headlines, plan.catalog, labels, cpu)
     for kind, table in sections:
         print(f"\n== {kind} ==\n{table}")
     print("\n== round by round ==\n" + headlines[0])
     print("\n".join(headlines[1]))
+    print("\n== CPU per request ==\n" + cpu)
     return 0
 
 

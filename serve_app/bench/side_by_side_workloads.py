@@ -53,6 +53,11 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     both = parser.add_argument_group("rate sweep and SLO (both workloads)")
     both.add_argument("--rates", default="2,4,8,16")
     both.add_argument("--num-per-rate", type=int, default=40)
+    both.add_argument(
+        "--seconds-per-rate", type=float, default=None,
+        help="send each rate of the sweep for this long instead of --num-per-rate requests: "
+        "a short burst at a rate says little about whether a system sustains it",
+    )
     both.add_argument("--slo-ttft-ms", type=float, default=500.0)
     both.add_argument("--slo-tpot-ms", type=float, default=50.0)
 
@@ -72,6 +77,8 @@ def check_workload_args(opts: argparse.Namespace) -> None:
     for flag, value in counts.items():
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
+    if opts.seconds_per_rate is not None and not opts.seconds_per_rate > 0:
+        raise ValueError(f"--seconds-per-rate must be > 0, got {opts.seconds_per_rate}")
     if opts.num_warmup < 0:
         raise ValueError(f"--num-warmup must be at least 0, got {opts.num_warmup}")
     if not opts.mixed_rate > 0:
@@ -100,6 +107,9 @@ def workload_steps(
     def save(kind: str) -> list[str]:
         return ["--save", str(round_path(opts.out, label, kind, round_no))]
 
+    per_rate = (["--duration-s", f"{opts.seconds_per_rate:g}"] if opts.seconds_per_rate
+                else ["--num-requests", str(opts.num_per_rate)])
+
     if not opts.mix:
         common += ["--input-len", str(opts.input_len), "--output-len", str(opts.output_len)]
         return [
@@ -108,8 +118,8 @@ def workload_steps(
                              "--num-requests", str(opts.num_c1), *save("c1")]),
             BenchStep("c8", ["run", *common, "--concurrency", "8",
                              "--num-requests", str(opts.num_c8), *save("c8")]),
-            BenchStep("sweep", ["sweep", *common, "--rates", opts.rates,
-                                "--num-requests", str(opts.num_per_rate), *save("sweep")]),
+            BenchStep("sweep", ["sweep", *common, "--rates", opts.rates, *per_rate,
+                                *save("sweep")]),
         ]
     common += ["--mix", opts.mix]
     common += [word for spec in opts.class_slo for word in ("--class-slo", spec)]
@@ -119,8 +129,8 @@ def workload_steps(
     return steps + [
         BenchStep("mixed", ["run", *common, *rate, "--num-requests", str(opts.num_mixed),
                             *save("mixed")]),
-        BenchStep("mixed-sweep", ["sweep", *common, "--rates", opts.rates,
-                                  "--num-requests", str(opts.num_per_rate), *save("mixed-sweep")]),
+        BenchStep("mixed-sweep", ["sweep", *common, "--rates", opts.rates, *per_rate,
+                                  *save("mixed-sweep")]),
     ]
 
 
@@ -130,6 +140,8 @@ def describe_workload(opts: argparse.Namespace) -> str:
     if not opts.mix:
         return (f"Workload: {opts.input_len}-token prompts, {opts.output_len} output tokens "
                 f"(ignore_eos), streaming /v1/completions; {slo}.")
+    per_rate = (f"{opts.seconds_per_rate:g} s of requests per rate" if opts.seconds_per_rate
+                else f"{opts.num_per_rate} requests per rate")
     classes = parse_mix(opts.mix)
     total = sum(mix_class.weight for mix_class in classes)
     parts = [f"`{c.name}` {c.weight / total:.0%} ({c.input_len}-token prompts, {c.output_len} "
@@ -138,8 +150,8 @@ def describe_workload(opts: argparse.Namespace) -> str:
     return (f"Workload: mix `{opts.mix}`: {', '.join(parts)}; exact lengths (the model's "
             f"tokenizer, ignore_eos), streaming /v1/completions. {opts.num_warmup} warm-up "
             f"requests (not counted), then {opts.num_mixed} at Poisson {opts.mixed_rate:g} req/s "
-            f"(`mixed`), and a rate sweep {opts.rates} with {opts.num_per_rate} requests per "
-            f"rate (`mixed-sweep`, goodput); {slo}"
+            f"(`mixed`), and a rate sweep {opts.rates} with {per_rate} (`mixed-sweep`, "
+            f"goodput); {slo}"
             + (f", per class {', '.join(per_class)}" if per_class else "") + ".")
 
 

@@ -156,3 +156,5 @@ def test_unified_baseline_serves_what_its_pd_config_serves(baseline: str) -> Non
     assert unified.decode.num_gpus == 1.0
     assert unified.prefill.num_gpus == 0.0
     assert unified.decode.engine_kwargs["enable_chunked_prefill"] is True
+    # behind the same Router: compared side by side, both shed at the same load
+    assert unified.router.admission == pd.router.admission
