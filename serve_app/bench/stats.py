@@ -145,6 +145,15 @@ def summarize(
     return summary
 
 
+SHED_STATUSES = ("HTTP 429:", "HTTP 503:")
+
+
+def is_shed(record: RequestRecord) -> bool:
+    """Refused with a retryable status (429 or 503): an answer that says "back off", not a
+    lost request."""
+    return record.error is not None and record.error.startswith(SHED_STATUSES)
+
+
 def _summarize_group(
     records: Sequence[RequestRecord], duration_s: float, slo: SLO
 ) -> dict[str, Any]:
@@ -155,6 +164,7 @@ def _summarize_group(
         "num_requests": len(records),
         "num_completed": len(done),
         "num_errors": len(records) - len(done),
+        "num_shed": sum(is_shed(record) for record in records),
         "errors": _error_kinds(records),
         "duration_s": duration_s,
         "total_prompt_tokens": sum(record.prompt_tokens or 0 for record in done),

@@ -41,6 +41,15 @@ def fixed_records() -> list[RequestRecord]:
     ]
 
 
+def test_refusals_to_retry_are_counted_apart_from_other_errors() -> None:
+    records = [*fixed_records(),
+               RequestRecord("r6", e2e_s=0.01, error='HTTP 429: {"error": {"code": 429}}'),
+               RequestRecord("r7", e2e_s=0.01, error='HTTP 503: {"error": {"code": 503}}'),
+               RequestRecord("r8", e2e_s=30.0, error="ReadTimeout: ")]
+    summary = summarize(records, duration_s=2.0)
+    assert (summary["num_errors"], summary["num_shed"]) == (4, 2)
+
+
 # percentiles ----------------------------------------------------------------------------------
 
 
@@ -68,6 +77,7 @@ def test_summary_of_fixed_records() -> None:
     assert summary["num_completed"] == 4
     assert summary["num_errors"] == 1
     assert summary["errors"] == {"HTTP 400: bad": 1}
+    assert summary["num_shed"] == 0  # a 400 is the client's fault, not a refusal to retry
     # TTFT of the successes, ms: 100, 200, 300, 400.
     assert summary["ttft_ms"]["mean"] == pytest.approx(250.0)
     assert summary["ttft_ms"]["p50"] == pytest.approx(250.0)

@@ -287,12 +287,14 @@ def test_pooled_mixed_rounds_keep_classes_and_class_slos(tmp_path: Path) -> None
     assert summary["slo_attainment"] == slo_attainment(records, MIXED_SLO)
 
 
-def mixed_figures(ttft: float, tpot: float, goodput: float | None, errors: int = 0):
+def mixed_figures(ttft: float, tpot: float, goodput: float | None, errors: int = 0,
+                  shed: int = 0):
     ttft, tpot = float(ttft), float(tpot)
     return MixedFigures(ttft_p99_ms=ttft, tpot_p99_ms=tpot, e2e_p50_ms=100.0, e2e_p99_ms=300.0,
                         ttft_p99_by_class={"chat": ttft / 2, "doc": ttft},
                         tpot_p99_by_class={"chat": tpot, "doc": tpot / 2},
-                        goodput_rps=goodput, num_requests=360, num_errors=errors)
+                        goodput_rps=goodput, num_requests=360, num_errors=errors,
+                        num_shed=shed)
 
 
 def test_mixed_targets_against_unified_and_ray_pd() -> None:
@@ -304,7 +306,13 @@ def test_mixed_targets_against_unified_and_ray_pd() -> None:
                         "ray-pd 400.00 ms (target: no worse than unified and ray-pd)")
     assert "goodput on the mix: 6.00 req/s vs unified 5.00 req/s, ratio 1.20" in lines[2]
     assert [line.split("]")[0] for line in lines[4:]] == ["- [NOT met"] * 4, lines
-    assert lines[7] == "- [NOT met] pd-nocond: requests lost: 1 of 360 (target 0)"
+    assert lines[7] == ("- [NOT met] pd-nocond: requests lost: 1 of 360 (target 0); 0 more "
+                        "refused with 429/503 and Retry-After past capacity")
+    # refusals that tell the client to come back are answers, not losses
+    shedding = {**pooled, "pd": mixed_figures(120, 3.0, 6.0, errors=30, shed=30)}
+    assert mixed_target_lines(shedding, "unified")[3] == (
+        "- [met] pd: requests lost: 0 of 360 (target 0); 30 more refused with 429/503 and "
+        "Retry-After past capacity")
     no_base_goodput = {**pooled, "unified": mixed_figures(140, 3.5, None)}
     assert "vs unified below the lowest rate" in mixed_target_lines(no_base_goodput, "unified")[2]
     assert mixed_target_lines(pooled, "pd") == []
