@@ -90,8 +90,11 @@ PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
 # The side-by-side on the box: the mixed workload the product is for (issue 14), sized for one
 # 10-minute command with both systems' starts: chats, and documents whose prefill stalls a
 # unified engine's running answers (6,000 tokens: ~3 chunks of the unified preset's 2,048).
+# Each rate of the sweep is held 10 s: a short burst at a rate is absorbed by the queues and
+# says little about whether a system sustains it (README, "Mixed workloads").
 GPU_MIX_ARGS = ("--rounds 1 --start-timeout-s 300 --mix chat:0.8:512:256,doc:0.2:6000:16 "
-                "--num-warmup 16 --num-mixed 160 --mixed-rate 8 --rates 4,16 --num-per-rate 80 "
+                "--num-warmup 16 --num-mixed 160 --mixed-rate 8 --rates 4,16 "
+                "--seconds-per-rate 10 "
                 "--slo-ttft-ms 500 --slo-tpot-ms 25 --class-slo doc:2000:50")
 # Llama-3.1-8B's architecture, written by hand (nothing can be downloaded on the box). Token
 # ids 1 and 2 are the tokenizer's <s> and </s>; `ignore_eos` makes output lengths fixed.

@@ -122,3 +122,15 @@ def test_slim_wheel_drops_members_and_their_record_lines(tmp_path: Path) -> None
     with zipfile.ZipFile(wheel) as archive:
         assert sorted(archive.namelist()) == ["pkg-1.0.dist-info/RECORD", "pkg/__init__.py"]
         assert archive.read(record).decode().splitlines() == ["pkg/__init__.py,,", f"{record},,"]
+
+
+def test_the_box_side_by_side_args_are_a_valid_sustained_mixed_run(tmp_path: Path) -> None:
+    """The campaign's side-by-side arguments parse as the side-by-side's own, run the mix, and
+    hold each rate of the sweep for a time (not a short burst per rate)."""
+    import shlex
+
+    from serve_app.bench.side_by_side import parse_plan
+    from serve_app.gpu_campaign import GPU_MIX_ARGS
+
+    plan = parse_plan(["--preset", "cpu", "--out", str(tmp_path), *shlex.split(GPU_MIX_ARGS)])
+    assert plan.opts.mix and plan.opts.seconds_per_rate == 10
