@@ -9,7 +9,7 @@ CPU each system pays for the same work:
 - `engine`: vLLM's engine processes (`VLLM::EngineCore`, `VLLM::Worker`): the model and its
   scheduling, and the waits between them;
 - `request path`: Ray Serve's replicas (the Router, the servers with vLLM's frontends) and its
-  HTTP proxy;
+  HTTP proxy; for the `direct` system, the plain vLLM OpenAI servers and the bare proxy;
 - `ray`: Ray's own processes (GCS, raylet, Serve's controller, dashboard, ...);
 - `client`: the benchmark client;
 - `other`: everything else on the machine in that window.
@@ -28,6 +28,8 @@ from pathlib import Path
 
 GROUPS = ("engine", "request path", "ray", "client", "other")
 _RAY_NAMES = ("gcs_server", "raylet", "ray-dashboard", "ray::")
+# Processes that serve HTTP without Ray Serve: vLLM's own OpenAI server, the `direct` proxy.
+_FRONT_MODULES = ("vllm.entrypoints.openai.api_server", "serve_app.bench.direct_pd")
 _PROC = Path("/proc")
 
 
@@ -36,6 +38,8 @@ def group_of(name: str, cmdline: str) -> str:
     if name.startswith("VLLM::") or cmdline.startswith("VLLM::"):
         return "engine"
     if cmdline.startswith(("ray::ServeReplica", "ray::SERVE_REPLICA", "ray::ProxyActor")):
+        return "request path"
+    if any(module in cmdline for module in _FRONT_MODULES):
         return "request path"
     if cmdline.startswith(_RAY_NAMES) or name.startswith(_RAY_NAMES) or "/ray/" in cmdline:
         return "ray"
