@@ -10,6 +10,8 @@ alternate in blocks (ABBA order), so drift on a busy machine falls on both alike
     python -m serve_app.bench.tracing_overhead --out bench/results/tracing-overhead
     python -m serve_app.bench.tracing_overhead --url http://127.0.0.1:8000 ...   # an app already
         running with telemetry.tracing.enabled: true (and its endpoint) instead of starting one
+    python -m serve_app.bench.tracing_overhead --pool RUN_DIR RUN_DIR ... --out OUT   # runs as
+        rounds: their requests pooled, each run's ratios listed
 
 Writes `requests.jsonl` (one line per request) and `summary.json`, and prints the P50s. Tracing
 off against a build without tracing: the span work of one request with tracing off, timed in
@@ -174,6 +176,29 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def pool(runs: list[Path]) -> dict[str, Any]:
+    """The requests of several runs as one summary, with each run's own ratios beside it: one
+    run's P50s on this machine move by more than the effect (README "Tracing")."""
+    records: list[dict[str, Any]] = []
+    per_run = {}
+    for folder in runs:
+        lines = (folder / "requests.jsonl").read_text().splitlines()
+        run_records = [json.loads(line) for line in lines if line.strip()]
+        records += run_records
+        ratios = summarize(run_records)
+        per_run[str(folder)] = {key: value for key, value in ratios.items() if "_over_" in key}
+    return {**summarize(records), "runs": per_run}
+
+
+def write_pooled(runs: list[Path], out: Path) -> int:
+    summary = pool(runs)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"pooled {len(runs)} runs, {summary['on']['num_requests']} requests per arm: "
+          f"TTFT P50 x{summary['ttft_p50_ms_on_over_off']:.3f}, "
+          f"E2E P50 x{summary['e2e_p50_ms_on_over_off']:.3f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tracing-overhead")
@@ -184,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-block", type=int, default=25)
     parser.add_argument("--prompt-words", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="DIR",
+                        help="start nothing: pool earlier runs' requests.jsonl (each run a round, "
+                        "as the side-by-side pools rounds) into OUT/summary.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.pool:
+        return write_pooled(args.pool, args.out)
     sink = proc = None
     try:
         if args.url is None:
