@@ -26,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.bench.records import load_runs
+
 GROUPS = ("engine", "request path", "ray", "client", "other")
 _RAY_NAMES = ("gcs_server", "raylet", "ray-dashboard", "ray::")
 # Processes that serve HTTP without Ray Serve: vLLM's own OpenAI server, the `direct` proxy.
@@ -147,25 +149,21 @@ def cpu_path(out: Path, label: str, round_no: int) -> Path:
 
 def count_requests(path: Path) -> int:
     """Requests in a saved run or sweep (every rate's)."""
-    data = json.loads(path.read_text())
-    if "runs" in data:
-        return sum(len(run.get("records", [])) for run in data["runs"])
-    return len(data.get("records", []))
+    return sum(len(run.records) for run in load_runs(path))
 
 
 def tables(labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...]) -> str:
     """CPU ms per request by process group, each measured workload, every round pooled."""
+    windows = {
+        label: [json.loads(path.read_text()) for round_no in range(1, num_rounds + 1)
+                if (path := cpu_path(out, label, round_no)).exists()]
+        for label in labels
+    }
     sections = []
     for kind in kinds:
         rows = {}
-        for label in labels:
-            samples = []
-            for round_no in range(1, num_rounds + 1):
-                path = cpu_path(out, label, round_no)
-                if path.exists():
-                    sample = json.loads(path.read_text()).get(kind)
-                    if sample:
-                        samples.append(sample)
+        for label, rounds in windows.items():
+            samples = [by_kind[kind] for by_kind in rounds if by_kind.get(kind)]
             if samples:
                 rows[label] = pooled(samples)
         sections.append(f"{kind} (ms of CPU per request; cores busy = CPU s / wall s)\n"

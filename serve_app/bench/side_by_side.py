@@ -293,10 +293,11 @@ def run_workloads(
     commands: list[list[str]] = []
     usage: dict[str, dict[str, object]] = {}
     for step in steps:
+        if step.kind is None:
+            bench(step.args, log)  # a warm-up: neither timed nor returned
+            continue
         before, started = cpu_time.snapshot(), time.monotonic()
         command = bench(step.args, log)
-        if step.kind is None:
-            continue  # a warm-up
         wall_s = time.monotonic() - started
         cpu_s = cpu_time.cpu_by_group(before, cpu_time.snapshot())
         num_requests = cpu_time.count_requests(round_path(opts.out, label, step.kind, round_no))

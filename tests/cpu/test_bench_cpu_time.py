@@ -129,7 +129,8 @@ def test_a_time_per_rate_must_be_positive(
 
 def test_requests_are_counted_in_runs_and_sweeps(tmp_path: Path) -> None:
     run, sweep = tmp_path / "run.json", tmp_path / "sweep.json"
-    run.write_text(json.dumps({"kind": "run", "records": [{}, {}, {}]}))
-    sweep.write_text(json.dumps({"kind": "sweep", "runs": [{"records": [{}] * 4},
-                                                           {"records": [{}] * 5}]}))
+    record = {"request_id": "r"}
+    run.write_text(json.dumps({"kind": "run", "records": [record] * 3}))
+    sweep.write_text(json.dumps({"kind": "sweep", "runs": [{"records": [record] * 4},
+                                                           {"records": [record] * 5}]}))
     assert (cpu_time.count_requests(run), cpu_time.count_requests(sweep)) == (3, 9)
