@@ -62,6 +62,7 @@ from serve_app.pairs import on_pair, replica_nodes
 from serve_app.policy import limits
 from serve_app.policy.admission import Admission, Slot
 from serve_app.policy.auth import ApiKeys
+from serve_app.policy.door import Door, open_door
 from serve_app.policy.errors import Rejection
 from serve_app.policy.errors import openai_error as error_body
 from serve_app.policy.health import LoopStalls, is_compatible
@@ -144,6 +145,8 @@ class Router:
         self.admission = Admission(self.cfg.router.admission, self._is_decode_full)
         self._monitor_tasks: list[asyncio.Task] = []
         self.telemetry = RouterTelemetry(self.cfg)
+        # A full Router refuses completions in front of Serve and FastAPI (direct ingress).
+        open_door(Door(self.admission, self.api_keys, self.telemetry, self._is_serving))
 
     # ---- HTTP -----------------------------------------------------------------------------
 
@@ -338,6 +341,9 @@ class Router:
         if not self.pairs.is_serving():
             raise self._no_engine()
         return await self.admission.admit()
+
+    def _is_serving(self) -> bool:
+        return self._discovered and self.pairs.is_serving()
 
     def _no_engine(self) -> Rejection:
         return Rejection(

@@ -9,6 +9,12 @@ within a second, and the admitted ones should take at most twice an unloaded req
 `--url`s of one running app (the Router's own port and Serve's proxy, `make run`) the bursts
 alternate between them, `--rounds` times each, so the machine's drift falls on both alike.
 Writes `summary.json` (one entry per burst) and prints one line per burst.
+
+    python -m serve_app.bench.burst --door-ab --rounds 2 --out bench/results/burst-door
+
+starts `scripts/serve-local` itself, once per burst, with Serve's HTTP callback set to
+`policy/door.py` (`door`: a full Router refuses in front of Serve and FastAPI) or left out
+(`no-door`), alternating which arm goes first in each round, and bursts at the Router's port.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -75,9 +83,67 @@ def summarize(url: str, results: list[tuple[int, float]], unloaded: float) -> di
     }
 
 
+CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+DOOR_ARMS = {"door": "serve_app.policy.door:middlewares", "no-door": ""}
+
+
+def at_urls(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
+    """Bursts at a running app's `--url`s, alternating which goes first in each round."""
+    summaries = []
+    for round_no in range(1, args.rounds + 1):
+        for url in args.url if round_no % 2 else args.url[::-1]:
+            unloaded = unloaded_s(url, body)
+            results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
+            summary = {"round": round_no, **summarize(url, results, unloaded)}
+            summaries.append(summary)
+            print(json.dumps(summary), flush=True)
+            time.sleep(args.pause_s)
+    return summaries
+
+
+def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
+    """One burst per start of `make run`'s app, door on and off in turn (module docstring)."""
+    from serve_app.bench.launch_common import INGRESS_PORT
+    from serve_app.bench.side_by_side import System, round_order, start, stop
+
+    url = f"http://127.0.0.1:{INGRESS_PORT}"
+    logs = (args.out or Path(tempfile.mkdtemp(prefix="burst-"))) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for round_no in range(1, args.rounds + 1):
+        for arm in round_order(list(DOOR_ARMS), round_no):
+            os.environ[CALLBACK_ENV] = DOOR_ARMS[arm]
+            system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
+            proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
+            try:
+                unloaded = unloaded_s(url, body)
+                results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
+            finally:
+                stop(proc)
+            summary = {"round": round_no, "arm": arm, **summarize(url, results, unloaded)}
+            summaries.append(summary)
+            print(json.dumps(summary), flush=True)
+    return summaries
+
+
+def arm_medians(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per arm, the median over its bursts of each burst's shed and admitted P50."""
+    medians: dict[str, dict[str, float]] = {}
+    for arm in dict.fromkeys(s["arm"] for s in summaries):
+        mine = [s for s in summaries if s["arm"] == arm]
+        medians[arm] = {
+            key: round(statistics.median(s[f"{key}_p50_max_s"][0] for s in mine), 3)
+            for key in ("shed", "ok") if all(s[f"{key}_p50_max_s"] for s in mine)
+        }
+    return medians
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", action="append", required=True, help="repeatable")
+    parser.add_argument("--url", action="append", default=[], help="repeatable")
+    parser.add_argument("--door-ab", action="store_true",
+                        help="start the app per burst, door on and off in turn (no --url)")
+    parser.add_argument("--config", default="configs/local-cpu.yaml", help="with --door-ab")
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--num-requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -86,24 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-s", type=float, default=20.0, help="between bursts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.door_ab == bool(args.url):
+        parser.error("give --url (a running app), or --door-ab (it starts the app), not both")
     body = {"model": args.model, "prompt": "a burst", "max_tokens": args.max_tokens,
             "ignore_eos": True}
-    summaries = []
-    for round_no in range(1, args.rounds + 1):
-        urls = args.url if round_no % 2 else args.url[::-1]
-        for url in urls:
-            unloaded = unloaded_s(url, body)
-            results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
-            summary = {"round": round_no, **summarize(url, results, unloaded)}
-            summaries.append(summary)
-            print(json.dumps(summary), flush=True)
-            time.sleep(args.pause_s)
+    summaries = door_ab(args, body) if args.door_ab else at_urls(args, body)
+    result: dict[str, Any] = {"command": ["python", "-m", "serve_app.bench.burst",
+                                          *(sys.argv[1:] if argv is None else argv)],
+                              "bursts": summaries}
+    if args.door_ab:
+        result["p50_median_s"] = medians = arm_medians(summaries)
+        print("P50 over bursts, median per arm: " + json.dumps(medians), flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(
-            {"command": ["python", "-m", "serve_app.bench.burst",
-                         *(sys.argv[1:] if argv is None else argv)],
-             "bursts": summaries}, indent=2) + "\n")
+        (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -31,7 +31,7 @@ class Admission:
         if not self.cfg.enabled or self._has_room():
             return self._take()
         if self.num_waiting >= self.cfg.max_waiting or self.cfg.max_wait_s == 0:
-            raise self._shed("the server is at capacity")
+            raise self.shed_now()
         self.num_waiting += 1
         deadline = time.monotonic() + self.cfg.max_wait_s
         try:
@@ -47,6 +47,18 @@ class Admission:
                 return self._take()
         finally:
             self.num_waiting -= 1
+
+    def is_full(self) -> bool:
+        """`admit()` would refuse a request now without waiting: no slot and no room to wait."""
+        return (
+            self.cfg.enabled
+            and not self._has_room()
+            and (self.num_waiting >= self.cfg.max_waiting or self.cfg.max_wait_s == 0)
+        )
+
+    def shed_now(self) -> Rejection:
+        """The refusal `admit()` gives when `is_full()` (for `door.py`, which sheds before it)."""
+        return self._shed("the server is at capacity")
 
     async def notify(self) -> None:
         """Something changed (a slot freed, decode's KV usage dropped): wake the waiters."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from serve_app.bench.burst import summarize
+import pytest
+
+from serve_app.bench.burst import arm_medians, main, summarize
 
 
 def test_summary_counts_each_ending_and_times_each_kind() -> None:
@@ -16,3 +18,20 @@ def test_summary_counts_each_ending_and_times_each_kind() -> None:
         "unavailable_p50_max_s": None,
         "unloaded_s": 0.0512,
     }
+
+
+def test_arm_medians_take_each_arms_median_p50() -> None:
+    def burst(arm: str, shed: float, ok: float | None) -> dict:
+        return {"arm": arm, "shed_p50_max_s": [shed, 9.0],
+                "ok_p50_max_s": None if ok is None else [ok, 9.0]}
+
+    summaries = [burst("door", 0.9, 1.4), burst("no-door", 1.3, 2.1), burst("no-door", 1.0, 1.8),
+                 burst("door", 0.7, None), burst("door", 0.8, 1.2), burst("no-door", 1.1, 2.0)]
+    assert arm_medians(summaries) == {"door": {"shed": 0.8},
+                                      "no-door": {"shed": 1.1, "ok": 2.0}}
+
+
+def test_door_ab_and_urls_exclude_each_other() -> None:
+    for argv in ([], ["--door-ab", "--url", "http://127.0.0.1:8001"]):
+        with pytest.raises(SystemExit):
+            main(argv)

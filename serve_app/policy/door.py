@@ -1,0 +1,106 @@
+"""Shed at the door: a full Router answers 429 before Serve, FastAPI or the body are touched.
+
+In a burst almost every request is shed, and a shed request's cost is what lies in front of
+admission: Ray Serve's per-request wrapper (request metadata, its metrics, the user-callable
+call), FastAPI, the telemetry record, the body read and the JSON parse. On 2 cores shared with
+the client that put the median 429 of a 2,000-request burst at ~1.5-1.9 s. This module is an
+ASGI middleware that Serve wraps around the Router replica's own HTTP server (direct ingress:
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.policy.door:middlewares`, set by
+`scripts/serve-local`). For a completion it asks the Router of this process whether admission
+would refuse the request at once (`Admission.is_full`: every slot taken and the wait list full);
+if so it sends the same 429 OpenAI error, `Retry-After` and request-id headers the Router would,
+and counts it in the same metrics. Anything else goes on untouched; so does a request whose API
+key would be refused (the Router answers 401), and every request in a process with no Router
+(Serve's proxy).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.middleware import Middleware
+
+from serve_app.policy.errors import Rejection
+
+COMPLETION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+class Door:
+    """What the middleware needs of this process's Router: its admission, keys, telemetry."""
+
+    def __init__(
+        self, admission: Any, api_keys: Any, telemetry: Any, is_serving: Any = lambda: True
+    ) -> None:
+        self.admission = admission
+        self.is_serving = is_serving
+        self.api_keys = api_keys
+        self.telemetry = telemetry
+
+    def refusal(self, endpoint: str, authorization: str | None) -> Rejection | None:
+        """The 429 admission would give this request now, or None to let it in."""
+        if not self.admission.is_full() or not self.is_serving():
+            return None  # room, or no engine (the Router answers 503)
+        try:
+            self.api_keys.check(authorization)
+        except Rejection:
+            return None  # the Router answers it 401, as it would with room
+        self.telemetry.shed(endpoint, "capacity")
+        return self.admission.shed_now()
+
+
+_door: Door | None = None
+
+
+def open_door(door: Door) -> None:
+    """The Router of this process (one per replica process) registers itself."""
+    global _door
+    _door = door
+
+
+def close_door() -> None:
+    global _door
+    _door = None
+
+
+class ShedAtDoor:
+    """Pure ASGI middleware: refuses a completion at once when this process's Router is full."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        door = _door
+        endpoint = None
+        if door is not None and scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"][len(scope.get("root_path", "")):] or scope["path"]
+            endpoint = COMPLETION_PATHS.get(path) or COMPLETION_PATHS.get(scope["path"])
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization")
+        rejection = door.refusal(endpoint, authorization.decode("latin-1") if authorization else None)
+        if rejection is None:
+            await self.app(scope, receive, send)
+            return
+        record = door.telemetry.begin(endpoint, {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()
+            if k in (b"traceparent", b"tracestate")
+        })
+        rejection.headers.update(record.headers())
+        record.finish(rejection.status, rejection.body)
+        await _send_json(send, rejection.status, rejection.body, rejection.headers)
+
+
+async def _send_json(send: Any, status: int, body: dict, headers: dict[str, str]) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+def middlewares() -> list[Middleware]:
+    """Serve's HTTP callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`)."""
+    return [Middleware(ShedAtDoor)]
