@@ -14,7 +14,10 @@ Writes `summary.json` (one entry per burst) and prints one line per burst.
 
 starts `scripts/serve-local` itself, once per burst, with Serve's HTTP callback set to
 `policy/door.py` (`door`: a full Router refuses in front of Serve and FastAPI) or left out
-(`no-door`), alternating which arm goes first in each round, and bursts at the Router's port.
+(`no-door`), and bursts at the Router's port. A third arm, `floor`, bursts at a bare uvicorn
+server that answers every request 429 at once: what this machine's client and HTTP server cost
+with no Serve and no engine, the least a shed request can take here. The arms' order turns each
+round.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,7 +89,25 @@ def summarize(url: str, results: list[tuple[int, float]], unloaded: float) -> di
 
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-DOOR_ARMS = {"door": "serve_app.policy.door:middlewares", "no-door": ""}
+DOOR_ARMS = {"door": "serve_app.policy.door:middlewares", "no-door": "", "floor": None}
+FLOOR_BODY = json.dumps({"error": {"message": "floor", "type": "RateLimitError", "param": None,
+                                   "code": 429}}).encode()
+
+
+async def floor_app(scope: dict, receive: Any, send: Any) -> None:
+    """The `floor` arm's server: 429 JSON at once, the body unread."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 429, "headers": [
+        (b"content-type", b"application/json"), (b"retry-after", b"1"),
+        (b"content-length", str(len(FLOOR_BODY)).encode())]})
+    await send({"type": "http.response.body", "body": FLOOR_BODY})
+
+
+def serve_floor(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(floor_app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def at_urls(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
@@ -112,18 +135,68 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
     summaries = []
     for round_no in range(1, args.rounds + 1):
         for arm in round_order(list(DOOR_ARMS), round_no):
-            os.environ[CALLBACK_ENV] = DOOR_ARMS[arm]
-            system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
-            proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
-            try:
-                unloaded = unloaded_s(url, body)
-                results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
-            finally:
-                stop(proc)
-            summary = {"round": round_no, "arm": arm, **summarize(url, results, unloaded)}
+            if arm == "floor":
+                results = floor_burst(args, body, logs / f"floor.r{round_no}.log")
+                summary = {"round": round_no, "arm": arm, **summarize("floor", results, 0.0)}
+            else:
+                wait_bindable(INGRESS_PORT)
+                os.environ[CALLBACK_ENV] = DOOR_ARMS[arm] or ""
+                system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
+                proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
+                try:
+                    unloaded = unloaded_s(url, body)
+                    results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
+                finally:
+                    stop(proc)
+                summary = {"round": round_no, "arm": arm, **summarize(url, results, unloaded)}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
     return summaries
+
+
+def floor_burst(args: argparse.Namespace, body: dict, log_path: Path
+                ) -> list[tuple[int, float]]:
+    """The burst at `serve_floor` in a process of its own (as the Router's server is)."""
+    from serve_app.bench.launch_common import free_port
+
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "serve_app.bench.burst", "--serve-floor",
+                                 str(port)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the floor server did not start; see {log_path}")
+            time.sleep(0.2)
+        return asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def wait_bindable(port: int, timeout_s: float = 180.0) -> None:
+    """Until `port` can be bound as Serve binds it (no SO_REUSEADDR): the last burst's
+    connections sit in TIME_WAIT on it for a minute, and meanwhile Serve gives the Router the
+    next free port instead, where the burst would not find it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"port {port} still taken after {timeout_s:.0f} s") from None
+        time.sleep(2)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.post(f"{url}/v1/completions", json={}, timeout=2).status_code == 429
+    except httpx.HTTPError:
+        return False
 
 
 def arm_medians(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -144,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--door-ab", action="store_true",
                         help="start the app per burst, door on and off in turn (no --url)")
     parser.add_argument("--config", default="configs/local-cpu.yaml", help="with --door-ab")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--num-requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=4)
@@ -152,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-s", type=float, default=20.0, help="between bursts")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return 0
     if args.door_ab == bool(args.url):
         parser.error("give --url (a running app), or --door-ab (it starts the app), not both")
     body = {"model": args.model, "prompt": "a burst", "max_tokens": args.max_tokens,
