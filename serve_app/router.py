@@ -6,6 +6,8 @@ The steps of one request (`Router._run`), each decision a named call into `polic
    (`policy/auth.py`, `policy/limits.py`); each refusal is OpenAI JSON.
 1. Admit: a slot of `router.admission`, or a 429 with `Retry-After` at once
    (`policy/admission.py`), before any other work; both engines down is a 503 at once.
+   Where the Router serves HTTP itself, a full one refuses completions before step 0, in front
+   of Serve and FastAPI (`policy/door.py`).
 2. Validate: parse the JSON body into vLLM's own request model; bad input answers an OpenAI error
    (400 malformed / invalid, 404 unknown model) before any engine sees it.
 3. Count: the prompt is tokenized once, here (`prompt_tokens.py`); the ids travel on, so no
