@@ -26,6 +26,15 @@ from serve_app.policy.errors import Rejection
 COMPLETION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
 
+def completion_endpoint(path: str) -> str | None:
+    """The endpoint a POST to `path` is, or None. By suffix: uvicorn's `root_path` and the app's
+    route prefix come before it (only the Router's app is served on this server)."""
+    for suffix, endpoint in COMPLETION_PATHS.items():
+        if path.endswith(suffix):
+            return endpoint
+    return None
+
+
 class Door:
     """What the middleware needs of this process's Router: its admission, keys, telemetry."""
 
@@ -73,8 +82,7 @@ class ShedAtDoor:
         door = _door
         endpoint = None
         if door is not None and scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"][len(scope.get("root_path", "")):] or scope["path"]
-            endpoint = COMPLETION_PATHS.get(path) or COMPLETION_PATHS.get(scope["path"])
+            endpoint = completion_endpoint(scope["path"])
         if endpoint is None:
             await self.app(scope, receive, send)
             return

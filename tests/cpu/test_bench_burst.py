@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from serve_app.bench.burst import arm_medians, main, summarize
+from serve_app.bench.burst import arm_medians, floor_burst, main, summarize
 
 
 def test_summary_counts_each_ending_and_times_each_kind() -> None:
@@ -35,3 +37,9 @@ def test_door_ab_and_urls_exclude_each_other() -> None:
     for argv in ([], ["--door-ab", "--url", "http://127.0.0.1:8001"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+def test_floor_arm_bursts_at_a_bare_server_answering_429(tmp_path) -> None:
+    args = argparse.Namespace(num_requests=50, timeout_s=30.0)
+    results = floor_burst(args, {"model": "m", "prompt": "a burst"}, tmp_path / "floor.log")
+    assert [status for status, _ in results] == [429] * 50

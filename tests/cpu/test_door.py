@@ -180,3 +180,10 @@ def test_is_full_only_when_admission_would_refuse_at_once() -> None:
     assert not Admission(AdmissionConfig(enabled=False, max_waiting=0), lambda: False).is_full()
     decode_full = Admission(AdmissionConfig(max_waiting=0), lambda: True)
     assert decode_full.is_full()
+
+
+def test_completion_paths_under_any_prefix() -> None:
+    assert door.completion_endpoint("/v1/completions") == "completions"
+    assert door.completion_endpoint("/llm/v1/chat/completions") == "chat"
+    assert door.completion_endpoint("/v1/models") is None
+    assert door.completion_endpoint("/health") is None
