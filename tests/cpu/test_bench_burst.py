@@ -1,4 +1,5 @@
-"""The burst measurement's summary (`serve_app.bench.burst`), from hand-made outcomes."""
+"""The burst measurement (`serve_app.bench.burst`): its summary from hand-made outcomes, its
+arguments, and its floor arm against a real bare server."""
 
 from __future__ import annotations
 
