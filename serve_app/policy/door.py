@@ -17,11 +17,17 @@ key would be refused (the Router answers 401), and every request in a process wi
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from starlette.middleware import Middleware
 
 from serve_app.policy.errors import Rejection
+
+if TYPE_CHECKING:  # Serve's proxy loads this module too: it imports nothing heavy at run time
+    from serve_app.ops.telemetry import RouterTelemetry
+    from serve_app.policy.admission import Admission
+    from serve_app.policy.auth import ApiKeys
 
 COMPLETION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 
@@ -39,12 +45,13 @@ class Door:
     """What the middleware needs of this process's Router: its admission, keys, telemetry."""
 
     def __init__(
-        self, admission: Any, api_keys: Any, telemetry: Any, is_serving: Any = lambda: True
+        self, admission: Admission, api_keys: ApiKeys, telemetry: RouterTelemetry,
+        is_serving: Callable[[], bool] = lambda: True,
     ) -> None:
         self.admission = admission
-        self.is_serving = is_serving
         self.api_keys = api_keys
         self.telemetry = telemetry
+        self.is_serving = is_serving
 
     def refusal(self, endpoint: str, authorization: str | None) -> Rejection | None:
         """The 429 admission would give this request now, or None to let it in."""
