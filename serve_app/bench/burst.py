@@ -140,7 +140,7 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 summary = {"round": round_no, "arm": arm, **summarize("floor", results, 0.0)}
             else:
                 wait_bindable(INGRESS_PORT)
-                os.environ[CALLBACK_ENV] = DOOR_ARMS[arm] or ""
+                os.environ[CALLBACK_ENV] = DOOR_ARMS[arm]
                 system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
                 proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
                 try:

@@ -30,7 +30,7 @@ class Admission:
         """A slot for one request, or `Rejection(429)`."""
         if not self.cfg.enabled or self._has_room():
             return self._take()
-        if self.num_waiting >= self.cfg.max_waiting or self.cfg.max_wait_s == 0:
+        if not self._can_wait():
             raise self.shed_now()
         self.num_waiting += 1
         deadline = time.monotonic() + self.cfg.max_wait_s
@@ -53,7 +53,7 @@ class Admission:
         return (
             self.cfg.enabled
             and not self._has_room()
-            and (self.num_waiting >= self.cfg.max_waiting or self.cfg.max_wait_s == 0)
+            and not self._can_wait()
         )
 
     def shed_now(self) -> Rejection:
@@ -67,6 +67,9 @@ class Admission:
 
     def _has_room(self) -> bool:
         return self.num_in_flight < self.cfg.max_in_flight and not self.is_decode_full()
+
+    def _can_wait(self) -> bool:
+        return self.num_waiting < self.cfg.max_waiting and self.cfg.max_wait_s > 0
 
     def _take(self) -> Slot:
         self.num_in_flight += 1

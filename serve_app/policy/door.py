@@ -16,13 +16,13 @@ key would be refused (the Router answers 401), and every request in a process wi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.middleware import Middleware
 
 from serve_app.policy.errors import Rejection
+from serve_app.policy.http_errors import rejection_response
 
 if TYPE_CHECKING:  # Serve's proxy loads this module too: it imports nothing heavy at run time
     from serve_app.ops.telemetry import RouterTelemetry
@@ -105,15 +105,7 @@ class ShedAtDoor:
         })
         rejection.headers.update(record.headers())
         record.finish(rejection.status, rejection.body)
-        await _send_json(send, rejection.status, rejection.body, rejection.headers)
-
-
-async def _send_json(send: Any, status: int, body: dict, headers: dict[str, str]) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": data})
+        await rejection_response(rejection)(scope, receive, send)
 
 
 def middlewares() -> list[Middleware]:
