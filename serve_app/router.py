@@ -7,7 +7,8 @@ The steps of one request (`Router._run`), each decision a named call into `polic
 1. Admit: a slot of `router.admission`, or a 429 with `Retry-After` at once
    (`policy/admission.py`), before any other work; both engines down is a 503 at once.
    Where the Router serves HTTP itself, a full one refuses completions before step 0, in front
-   of Serve and FastAPI (`policy/door.py`).
+   of Serve and FastAPI (`policy/door.py`); Serve's proxy refuses them once as many are open
+   there as the app's Routers can hold, as each posts it (`policy/proxy_door.py`).
 2. Validate: parse the JSON body into vLLM's own request model; bad input answers an OpenAI error
    (400 malformed / invalid, 404 unknown model) before any engine sees it.
 3. Count: the prompt is tokenized once, here (`prompt_tokens.py`); the ids travel on, so no
@@ -38,7 +39,8 @@ the next (an error, one JSON body or an SSE stream) is an `Outcome` (`outcome.py
 
 Between requests the router probes every pair's engines (`_monitor`, `policy/health.py`), so a
 dead or restarting engine is routed around at once (new requests go to whole pairs, else to the
-surviving engine) and traffic returns when it answers again.
+surviving engine) and traffic returns when it answers again; and it renews its capacity notice
+for the proxies (`RouterBoard.post_forever`).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serve_app import first_token
 from serve_app.config import AppConfig
@@ -70,6 +73,7 @@ from serve_app.policy.errors import openai_error as error_body
 from serve_app.policy.health import LoopStalls, is_compatible
 from serve_app.policy.http_errors import install_openai_errors
 from serve_app.policy.pairs import Pair, PairSet
+from serve_app.policy.proxy_door import RouterBoard
 from serve_app.policy.route import (
     UNIFIED,
     PhaseView,
@@ -146,6 +150,7 @@ class Router:
         self._discovered = False
         self.admission = Admission(self.cfg.router.admission, self._is_decode_full)
         self._monitor_tasks: list[asyncio.Task] = []
+        self.board = self._board()
         self.telemetry = RouterTelemetry(self.cfg)
         # A full Router refuses completions in front of Serve and FastAPI (direct ingress).
         open_door(Door(self.admission, self.api_keys, self.telemetry, self._is_serving))
@@ -195,6 +200,8 @@ class Router:
         """Prometheus text: the Router's metrics and each engine's vLLM metrics (`phase`,
         `pair`)."""
         self.telemetry.set_waiting(self.admission.num_waiting)
+        if self.board is not None:
+            self.telemetry.shed_at_proxy(await self.board.new_sheds())
         await self._discover()
         servers = {
             ("unified" if self.prefill is None else phase, pair.name): pair.server(phase)
@@ -436,6 +443,20 @@ class Router:
         self._discovered = True
         self.pairs.refresh(_nodes_of, on_pair)
 
+    def _board(self) -> RouterBoard | None:
+        """Where this replica posts what its admission holds for Serve's proxies, which shed at
+        once what the app's Routers could not take (`policy/proxy_door.py`); None without a
+        bound or outside a Serve replica (a test's Router: no proxy in front)."""
+        capacity = self.admission.capacity()
+        try:
+            context = serve.get_replica_context()
+        except RayServeException:
+            return None
+        if capacity is None:
+            return None
+        return RouterBoard(context.app_name, context.replica_id.unique_id, capacity,
+                           self.cfg.router.admission.retry_after_s)
+
     def _ensure_monitor(self) -> None:
         """The probes and the loop's stall ticker, started by the first call on this loop.
 
@@ -447,7 +468,10 @@ class Router:
             loop = asyncio.get_running_loop()
             self._monitor_tasks = [
                 loop.create_task(coroutine, context=contextvars.Context())
-                for coroutine in (self.stalls.watch(), self._monitor())
+                for coroutine in (
+                    self.stalls.watch(), self._monitor(),
+                    *([self.board.post_forever()] if self.board is not None else []),
+                )
             ]
 
     async def _monitor(self) -> None:

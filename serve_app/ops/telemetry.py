@@ -24,9 +24,8 @@ from opentelemetry.trace import SpanKind
 from serve_app.config import AppConfig
 from serve_app.ops import tracing
 from serve_app.ops.metrics import RouterMetrics, ServerMetrics, exposition, server_families
+from serve_app.policy.errors import REQUEST_ID_HEADER
 
-# Not `x-request-id`: Ray Serve's proxy sets that one to its own id.
-REQUEST_ID_HEADER = "x-pd-request-id"
 _CURRENT: contextvars.ContextVar[RequestTelemetry | None] = contextvars.ContextVar(
     "pd_request_telemetry", default=None
 )
@@ -51,6 +50,13 @@ class RouterTelemetry:
 
     def shed(self, endpoint: str, reason: str) -> None:
         self.metrics.shed.labels(endpoint, reason).inc()
+
+    def shed_at_proxy(self, new_sheds: dict[str, int]) -> None:
+        """Serve's proxies refused these (per endpoint) for this app since the last scrape
+        (`policy/proxy_door.py`): counted as the Router counts its own 429s."""
+        for endpoint, count in new_sheds.items():
+            self.metrics.shed.labels(endpoint, "capacity_at_proxy").inc(count)
+            self.metrics.requests.labels(endpoint, "429", "none", "").inc(count)
 
     def set_waiting(self, num_waiting: int) -> None:
         self.metrics.waiting.set(num_waiting)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from serve_app.config import AdmissionConfig
-from serve_app.policy.errors import Rejection
+from serve_app.policy.errors import Rejection, capacity_rejection
 
 
 class Admission:
@@ -56,6 +56,13 @@ class Admission:
             and not self._can_wait()
         )
 
+    def capacity(self) -> int | None:
+        """The most requests admission holds at once, in slots and waiting; None: unbounded."""
+        if not self.cfg.enabled:
+            return None
+        num_waiting = self.cfg.max_waiting if self.cfg.max_wait_s > 0 else 0
+        return self.cfg.max_in_flight + num_waiting
+
     def shed_now(self) -> Rejection:
         """The refusal `admit()` gives when `is_full()` (for `door.py`, which sheds before it)."""
         return self._shed("the server is at capacity")
@@ -84,12 +91,7 @@ class Admission:
 
     def _shed(self, why: str) -> Rejection:
         self.num_shed += 1
-        return Rejection(
-            429,
-            f"Too many requests: {why}; retry after {self.cfg.retry_after_s} s",
-            "RateLimitError",
-            headers={"Retry-After": str(self.cfg.retry_after_s)},
-        )
+        return capacity_rejection(self.cfg.retry_after_s, why)
 
 
 _pending: set[asyncio.Future] = set()

@@ -10,19 +10,25 @@ ASGI middleware that Serve wraps around the Router replica's own HTTP server (di
 would refuse the request at once (`Admission.is_full`: every slot taken and the wait list full);
 if so it sends the same 429 OpenAI error, `Retry-After` and request-id headers the Router would,
 and counts it in the same metrics. Anything else goes on untouched; so does a request whose API
-key would be refused (the Router answers 401), and every request in a process with no Router
-(Serve's proxy).
+key would be refused (the Router answers 401).
+
+In a process with no Router, Serve's proxy (port 8000), the same middleware counts the
+completions open per app against what the app's Routers can hold, as they post it on a board in
+Ray's GCS, and refuses past it with the same 429 (`proxy_door.py`). There the API key is not
+checked first: a full app answers 429 to any completion.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.middleware import Middleware
 
-from serve_app.policy.errors import Rejection
+from serve_app.policy.errors import REQUEST_ID_HEADER, Rejection
 from serve_app.policy.http_errors import rejection_response
+from serve_app.policy.proxy_door import CountingDoor, app_key
 
 if TYPE_CHECKING:  # Serve's proxy loads this module too: it imports nothing heavy at run time
     from serve_app.ops.telemetry import RouterTelemetry
@@ -30,6 +36,7 @@ if TYPE_CHECKING:  # Serve's proxy loads this module too: it imports nothing hea
     from serve_app.policy.auth import ApiKeys
 
 COMPLETION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ENDPOINT_SUFFIXES = {endpoint: suffix for suffix, endpoint in COMPLETION_PATHS.items()}
 
 
 def completion_endpoint(path: str) -> str | None:
@@ -80,19 +87,28 @@ def close_door() -> None:
 
 
 class ShedAtDoor:
-    """Pure ASGI middleware: refuses a completion at once when this process's Router is full."""
+    """Pure ASGI middleware: refuses a completion at once when this process's Router is full
+    or, in Serve's proxy, when the completions open for its app reach what the app can hold."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        door = _door
         endpoint = None
-        if door is not None and scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = completion_endpoint(scope["path"])
+        if scope["type"] == "http":
+            if _door is None:
+                counting_door().ensure_refreshing()
+            if scope["method"] == "POST":
+                endpoint = completion_endpoint(scope["path"])
         if endpoint is None:
             await self.app(scope, receive, send)
-            return
+        elif _door is not None:
+            await self._at_router(_door, endpoint, scope, receive, send)
+        else:
+            await self._at_proxy(endpoint, scope, receive, send)
+
+    async def _at_router(self, door: Door, endpoint: str, scope: dict, receive: Any,
+                         send: Any) -> None:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization")
         rejection = door.refusal(endpoint, authorization.decode("latin-1") if authorization else None)
@@ -106,6 +122,38 @@ class ShedAtDoor:
         rejection.headers.update(record.headers())
         record.finish(rejection.status, rejection.body)
         await rejection_response(rejection)(scope, receive, send)
+
+    async def _at_proxy(self, endpoint: str, scope: dict, receive: Any, send: Any) -> None:
+        """No Router in this process (Serve's proxy): count against the app's posted limit."""
+        door = counting_door()
+        key = app_key(_route_path(scope)[: -len(ENDPOINT_SUFFIXES[endpoint])])
+        rejection = door.refusal(key, endpoint)
+        if rejection is not None:
+            rejection.headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
+            await rejection_response(rejection)(scope, receive, send)
+            return
+        door.enter(key)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            door.leave(key)
+
+
+def _route_path(scope: dict) -> str:
+    """The path Serve's proxy matches route prefixes against (without `http_options.root_path`)."""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    return path[len(root_path):] if root_path and path.startswith(root_path) else path
+
+
+_counting_door: CountingDoor | None = None
+
+
+def counting_door() -> CountingDoor:
+    """This process's counting door (`proxy_door.py`), made at its first request."""
+    global _counting_door
+    if _counting_door is None:
+        _counting_door = CountingDoor()
+    return _counting_door
 
 
 def middlewares() -> list[Middleware]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# On every answer, refusals included. Not `x-request-id`: Ray Serve's proxy sets that one to its
+# own id.
+REQUEST_ID_HEADER = "x-pd-request-id"
+
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> dict:
     """`{"error": {message, type, param, code}}`, with the HTTP status as `code` (as vLLM's)."""
@@ -31,3 +35,13 @@ class Rejection(Exception):
     @property
     def body(self) -> dict[str, Any]:
         return openai_error(self.status, self.message, self.err_type, self.param)
+
+
+def capacity_rejection(retry_after_s: int, why: str) -> Rejection:
+    """The 429 of bounded admission, wherever it is given (the Router's admission, a door)."""
+    return Rejection(
+        429,
+        f"Too many requests: {why}; retry after {retry_after_s} s",
+        "RateLimitError",
+        headers={"Retry-After": str(retry_after_s)},
+    )

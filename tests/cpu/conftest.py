@@ -32,6 +32,9 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY", "1")
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+# Serve's proxy sheds completions past what an app's Routers hold (policy/proxy_door.py), as on
+# AWS (deploy/aws/cluster.yaml) and under `make run`.
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve_app.policy.door:middlewares")
 
 
 def run_json_script(argv: list[str], env: dict[str, str], timeout_s: float) -> dict[str, Any]:

@@ -118,6 +118,10 @@ def test_mps_daemon_starts_before_ray_on_every_gpu_node() -> None:
     assert "PD_SERVE_MODEL_CACHE=/opt/dlami/nvme" in " ".join(commands)
     assert all("RAY_AUTH_MODE=token" in c for c in
                (*commands, *config["head_start_ray_commands"]) if "ray start" in c)
+    # Every node's proxy (an ALB target) sheds at the door (serve_app/policy/proxy_door.py).
+    callback = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.policy.door:middlewares"
+    assert all(callback in c for c in
+               (*commands, *config["head_start_ray_commands"]) if "ray start" in c)
 
 
 def test_nodes_get_their_profile_and_the_node_security_group() -> None:

@@ -1,5 +1,6 @@
-"""Shed at the door (`serve_app/policy/door.py`), without Ray: the middleware around a FastAPI
-app in a real uvicorn server, as Serve wraps it around the Router's own HTTP server.
+"""Shed at the door (`serve_app/policy/door.py`, `proxy_door.py`), without Ray: the middleware
+around a FastAPI app in a real uvicorn server, as Serve wraps it around the Router's own HTTP
+server and its proxy's.
 
 `test_serve_run.py` checks that Serve installs it in front of the real Router (`make run`).
 """
@@ -21,9 +22,19 @@ from starlette.middleware import Middleware
 
 from serve_app.config import AdmissionConfig, AppConfig
 from serve_app.ops.telemetry import RouterTelemetry
-from serve_app.policy import door
+from serve_app.policy import door, proxy_door
 from serve_app.policy.admission import Admission
 from serve_app.policy.auth import ApiKeys
+from serve_app.policy.proxy_door import (
+    NOTICE_TTL_S,
+    CountingDoor,
+    Limit,
+    Notice,
+    RouterBoard,
+    ShedReport,
+    app_key,
+    limits_of,
+)
 from tests.cpu.conftest import app_args, free_port
 
 KEY = "sk-door-test"
@@ -41,6 +52,7 @@ class App:
         async def completions(raw: Request) -> JSONResponse:
             self.num_seen += 1
             await raw.body()
+            await asyncio.sleep(float(raw.headers.get("x-hold-s", 0)))  # a request kept open
             if raw.headers.get("authorization") != f"Bearer {KEY}":
                 return JSONResponse({"error": {"code": 401}}, 401)
             return JSONResponse({"ok": True})
@@ -154,17 +166,104 @@ def test_full_router_answers_429_json_without_the_app_or_the_body(server: dict[s
     assert post(server).status_code == 200
 
 
-def test_a_process_without_a_router_passes_everything(server: dict[str, Any]) -> None:
-    """Serve's proxy process loads the same callback and has no Router: nothing is refused."""
-    admission = server["admission"]
-    slot = asyncio.run(admission.admit())
-    registered = door._door
+def test_a_process_without_a_router_counts_against_the_posted_limit(
+    server: dict[str, Any], ray_cluster: None,
+) -> None:
+    """Serve's proxy process loads the same callback and has no Router: it counts the
+    completions open per app (route prefix) against the Routers' notices on the board in
+    Ray's GCS (`proxy_door.py`), and posts its sheds there for the Router's metrics."""
+    now = time.time()
+    notices = {"a/1": Notice("/", 1, 7, now), "a/2": Notice("/", 1, 2, now),  # 2 replicas at /
+               "b/1": Notice("/other/", 1, 1, now), "c/1": Notice("/gone", 1, 1, now - 60)}
+    for key, notice in notices.items():
+        proxy_door._put(proxy_door.NOTICE_PREFIX + "test/" + key, notice.encode())
+    registered, door._counting_door = door._door, CountingDoor()
+    counting = door._counting_door
     door.close_door()
+    held = {**AUTH, "x-hold-s": "2"}
+
+    async def two_open_then(path: str) -> tuple[list[int], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=10) as client:
+            body = {"model": "m", "prompt": "hi"}
+            opened = [asyncio.ensure_future(client.post("/v1/completions", json=body,
+                                                         headers=held)) for _ in range(2)]
+            while counting.num_open[""] < 2:
+                await asyncio.sleep(0.01)
+            third = await client.post(path, content=b"{not json", headers=AUTH)
+            return [r.status_code for r in await asyncio.gather(*opened)], third
+
     try:
-        assert post(server).status_code == 200
+        assert httpx.get(server["url"] + "/health", timeout=10).status_code == 200
+        deadline = time.monotonic() + 10  # any request starts the reading; once a second
+        while counting.limits.get("") != Limit(2, 7):
+            assert time.monotonic() < deadline, counting.limits
+            time.sleep(0.1)
+        seen = server["app"].num_seen
+        statuses, third = asyncio.run(two_open_then("/v1/chat/completions"))
+        assert statuses == [200, 200]
+        assert third.status_code == 429 and third.headers["retry-after"] == "7"
+        assert third.headers["content-type"] == "application/json"
+        assert third.headers["x-pd-request-id"]
+        assert third.json()["error"]["type"] == "RateLimitError"
+        assert server["app"].num_seen == seen + 2 and counting.num_shed == {"": {"chat": 1}}
+        assert counting.num_open[""] == 0  # both left when their answers ended
+
+        # Another app's paths count against its own limit; a lapsed notice is no limit. (Both
+        # pass the door; the inner app serves only the app at /, so it answers them 404.)
+        _, other = asyncio.run(two_open_then("/other/v1/completions"))
+        assert other.status_code == 404
+        _, gone = asyncio.run(two_open_then("/gone/v1/completions"))
+        assert gone.status_code == 404
+        assert post(server).status_code == 200 and counting.num_shed == {"": {"chat": 1}}
+
+        # The sheds reach the board, where the app's Router counts them once.
+        router = RouterBoard("test", "r1", 64, 1)
+        router.route_prefix = "/"
+        deadline = time.monotonic() + 10
+        new: dict[str, int] = {}
+        while not new:
+            assert time.monotonic() < deadline, "the proxy's sheds never reached the board"
+            new = asyncio.run(router.new_sheds())
+        assert new == {"chat": 1} and asyncio.run(router.new_sheds()) == {}
     finally:
+        door._counting_door = None
         door.open_door(registered)
-        slot.release()
+        from ray.experimental import internal_kv
+
+        for key in [*(proxy_door.NOTICE_PREFIX + "test/" + key for key in notices),
+                    proxy_door.SHEDS_PREFIX + counting.proxy_id]:
+            internal_kv._internal_kv_del(key, namespace=proxy_door.BOARD_NAMESPACE)
+
+
+def test_limits_sum_live_notices_per_route_prefix() -> None:
+    now = 1000.0
+    notices = [Notice("/", 64, 1, now), Notice("", 64, 3, now - 5),
+               Notice("/a/", 8, 1, now), Notice("/a", 1, 1, now - NOTICE_TTL_S - 1)]
+    assert limits_of(notices, now) == {"": Limit(128, 3), "/a": Limit(8, 1)}
+    assert Notice.decode(notices[0].encode()) == notices[0]
+    assert app_key("/") == app_key("") == "" and app_key("/a/") == "/a"
+
+
+def test_router_counts_each_proxys_sheds_once() -> None:
+    board = RouterBoard("app", "r1", 64, 1)
+    board.route_prefix = "/llm/"
+    first = [ShedReport("p1", {"/llm": {"chat": 3, "completions": 1}, "": {"chat": 9}}),
+             ShedReport("p2", {"/llm": {"chat": 2}})]
+    assert board.count_new(first) == {"chat": 5, "completions": 1}
+    assert board.count_new(first) == {}
+    later = [ShedReport("p1", {"/llm": {"chat": 4, "completions": 1}}),
+             ShedReport("p3", {"/llm": {"completions": 2}})]  # p2 gone, p3 new
+    assert board.count_new(later) == {"chat": 1, "completions": 2}
+    assert ShedReport.decode(later[0].encode()) == later[0]
+
+
+def test_capacity_is_what_admission_holds_at_once() -> None:
+    def capacity(**cfg: Any) -> int | None:
+        return Admission(AdmissionConfig(**cfg), lambda: False).capacity()
+
+    assert capacity(max_in_flight=32, max_waiting=32) == 64
+    assert capacity(max_in_flight=32, max_waiting=32, max_wait_s=0) == 32
+    assert capacity(enabled=False) is None
 
 
 def test_is_full_only_when_admission_would_refuse_at_once() -> None:

@@ -178,22 +178,24 @@ def check_router_port(served: subprocess.Popen) -> None:
         time.sleep(1)
 
 
-def check_door(served: subprocess.Popen) -> None:
-    """Serve wraps the Router's own server in `policy/door.py`: while admission is full (a burst
-    of long completions: every slot taken, the wait list full), a body the Router would answer
-    400 (not JSON) is answered 429 at the door, unread; with room again, the Router answers it."""
-    router_url = f"http://127.0.0.1:{ROUTER_PORT}/v1/completions"
+def check_door(port: int) -> None:
+    """Serve wraps its HTTP servers in `policy/door.py`: while admission is full (a burst of
+    long completions: every slot taken, the wait list full), a body the Router would answer 400
+    (not JSON) is answered 429 at the door, unread; with room again, the Router answers it.
+    At the Router's own port the door asks the Router; at Serve's proxy it counts the
+    completions open against what the Router posted (`policy/proxy_door.py`)."""
+    url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 400, "ignore_eos": True}
 
     async def burst() -> tuple[list[int], httpx.Response | None]:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
         async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            valid = [asyncio.ensure_future(client.post(router_url, json=body)) for _ in range(100)]
+            valid = [asyncio.ensure_future(client.post(url, json=body)) for _ in range(100)]
             refused = None
             deadline = time.monotonic() + 10
             while refused is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                probe = await client.post(router_url, content=b"{not json", timeout=30)
+                probe = await client.post(url, content=b"{not json", timeout=30)
                 assert probe.status_code in (400, 429), probe.text
                 if probe.status_code == 429:
                     refused = probe
@@ -204,7 +206,7 @@ def check_door(served: subprocess.Popen) -> None:
     assert refused is not None, "no probe was refused at the door while admission was full"
     assert refused.json()["error"]["type"] == "RateLimitError"
     assert refused.headers["retry-after"] and refused.headers["x-pd-request-id"]
-    after = httpx.post(router_url, content=b"{not json", timeout=30)
+    after = httpx.post(url, content=b"{not json", timeout=30)
     assert after.status_code == 400 and after.json()["error"]["code"] == 400
 
 
@@ -213,7 +215,8 @@ def test_serve_run_answers_stays_on_loopback_and_cleans_up(served: subprocess.Po
     response = client.completions.create(model=MODEL_NAME, prompt="Hello there", max_tokens=5)
     assert response.usage.completion_tokens == 5
     check_router_port(served)
-    check_door(served)
+    check_door(ROUTER_PORT)
+    check_door(HTTP_PORT)
     check_handle_snippet(served)
 
     processes = process_tree(served.pid)
