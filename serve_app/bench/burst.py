@@ -17,7 +17,8 @@ starts `scripts/serve-local` itself, once per burst, with Serve's HTTP callback 
 (`no-door`), and bursts at the Router's port. A third arm, `floor`, bursts at a bare uvicorn
 server that answers every request 429 at once: what this machine's client and HTTP server cost
 with no Serve and no engine, the least a shed request can take here. The arms' order turns each
-round.
+round. `--via proxy` bursts at Serve's proxy instead (`http_options.port`, the AWS path), where
+the door counts the completions open per app (`policy/proxy_door.py`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+
+from serve_app.policy.proxy_door import REFRESH_PERIOD_S
 
 
 async def one(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, float]:
@@ -129,7 +132,7 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
     from serve_app.bench.launch_common import INGRESS_PORT
     from serve_app.bench.side_by_side import System, round_order, start, stop
 
-    url = f"http://127.0.0.1:{INGRESS_PORT}"
+    url = f"http://127.0.0.1:{INGRESS_PORT if args.via == 'router' else proxy_port(args.config)}"
     logs = (args.out or Path(tempfile.mkdtemp(prefix="burst-"))) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     summaries = []
@@ -145,13 +148,25 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
                 try:
                     unloaded = unloaded_s(url, body)
+                    # The first request started the Router's notice; the proxy reads it within
+                    # a second (policy/proxy_door.py), as it would before traffic on AWS.
+                    time.sleep(2 * REFRESH_PERIOD_S)
                     results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
                 finally:
                     stop(proc)
-                summary = {"round": round_no, "arm": arm, **summarize(url, results, unloaded)}
+                summary = {"round": round_no, "arm": arm, "via": args.via,
+                           **summarize(url, results, unloaded)}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
     return summaries
+
+
+def proxy_port(config: str) -> int:
+    """Serve's proxy port in the config (`http_options.port`, Serve's default 8000)."""
+    import yaml
+
+    return int((yaml.safe_load(Path(config).read_text()).get("http_options") or {})
+               .get("port", 8000))
 
 
 def floor_burst(args: argparse.Namespace, body: dict, log_path: Path
@@ -217,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--door-ab", action="store_true",
                         help="start the app per burst, door on and off in turn (no --url)")
     parser.add_argument("--config", default="configs/local-cpu.yaml", help="with --door-ab")
+    parser.add_argument("--via", choices=("router", "proxy"), default="router",
+                        help="with --door-ab: burst at the Router's own port or Serve's proxy")
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--num-requests", type=int, default=2000)
