@@ -17,7 +17,9 @@ starts `scripts/serve-local` itself, once per burst, with Serve's HTTP callback 
 (`no-door`), and bursts at the Router's port. A third arm, `floor`, bursts at a bare uvicorn
 server that answers every request 429 at once: what this machine's client and HTTP server cost
 with no Serve and no engine, the least a shed request can take here. The arms' order turns each
-round. `--via proxy` bursts at Serve's proxy instead (`http_options.port`, the AWS path), where
+round. `--alone 64` sends, before each burst, the 64 requests admission holds at once by
+themselves: what the admitted requests take when no burst comes with them. `--via proxy` bursts
+at Serve's proxy instead (`http_options.port`, the AWS path), where
 the door counts the completions open per app (`policy/proxy_door.py`).
 """
 
@@ -76,6 +78,17 @@ def unloaded_s(url: str, body: dict, num: int = 5) -> float:
     return statistics.median(times)
 
 
+def baselines(args: argparse.Namespace, url: str, body: dict) -> dict[str, Any]:
+    """What the admitted requests take without the burst: one at a time (`unloaded_s`) and, with
+    `--alone N`, N sent at once (as many as admission holds: the admitted set by itself)."""
+    found: dict[str, Any] = {"unloaded": unloaded_s(url, body)}
+    if args.alone:
+        results = asyncio.run(burst(url, body, args.alone, args.timeout_s))
+        found["alone_p50_max_s"] = summarize(url, results, 0.0)["ok_p50_max_s"]
+        time.sleep(1)
+    return found
+
+
 def summarize(url: str, results: list[tuple[int, float]], unloaded: float) -> dict[str, Any]:
     def p50_max(status: int) -> list[float] | None:
         times = sorted(t for s, t in results if s == status)
@@ -118,9 +131,10 @@ def at_urls(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
     summaries = []
     for round_no in range(1, args.rounds + 1):
         for url in args.url if round_no % 2 else args.url[::-1]:
-            unloaded = unloaded_s(url, body)
+            found = baselines(args, url, body)
+            unloaded = found.pop("unloaded")
             results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
-            summary = {"round": round_no, **summarize(url, results, unloaded)}
+            summary = {"round": round_no, **summarize(url, results, unloaded), **found}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
             time.sleep(args.pause_s)
@@ -147,7 +161,8 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
                 proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
                 try:
-                    unloaded = unloaded_s(url, body)
+                    found = baselines(args, url, body)
+                    unloaded = found.pop("unloaded")
                     # The first request started the Router's notice; the proxy reads it within
                     # a second (policy/proxy_door.py), as it would before traffic on AWS.
                     time.sleep(2 * REFRESH_PERIOD_S)
@@ -155,7 +170,7 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 finally:
                     stop(proc)
                 summary = {"round": round_no, "arm": arm, "via": args.via,
-                           **summarize(url, results, unloaded)}
+                           **summarize(url, results, unloaded), **found}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
     return summaries
@@ -215,13 +230,14 @@ def _answers(url: str) -> bool:
 
 
 def arm_medians(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per arm, the median over its bursts of each burst's shed and admitted P50."""
+    """Per arm, the median over its bursts of each burst's shed and admitted P50 (and of the
+    admitted set sent alone, with `--alone`)."""
     medians: dict[str, dict[str, float]] = {}
     for arm in dict.fromkeys(s["arm"] for s in summaries):
         mine = [s for s in summaries if s["arm"] == arm]
         medians[arm] = {
             key: round(statistics.median(s[f"{key}_p50_max_s"][0] for s in mine), 3)
-            for key in ("shed", "ok") if all(s[f"{key}_p50_max_s"] for s in mine)
+            for key in ("shed", "ok", "alone") if all(s.get(f"{key}_p50_max_s") for s in mine)
         }
     return medians
 
@@ -239,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=2000)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--timeout-s", type=float, default=30.0)
+    parser.add_argument("--alone", type=int, default=0, metavar="N",
+                        help="before each burst, N requests at once (what admission holds)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pause-s", type=float, default=20.0, help="between bursts")
     parser.add_argument("--out", type=Path, default=None)

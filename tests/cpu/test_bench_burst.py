@@ -32,6 +32,9 @@ def test_arm_medians_take_each_arms_median_p50() -> None:
                  burst("door", 0.7, None), burst("door", 0.8, 1.2), burst("no-door", 1.1, 2.0)]
     assert arm_medians(summaries) == {"door": {"shed": 0.8},
                                       "no-door": {"shed": 1.1, "ok": 2.0}}
+    for summary, alone in zip(summaries, (0.3, 0.5, 0.4, 0.2, 0.1, 0.6), strict=True):
+        summary["alone_p50_max_s"] = [alone, 9.0]
+    assert arm_medians(summaries)["no-door"] == {"shed": 1.1, "ok": 2.0, "alone": 0.5}
 
 
 def test_door_ab_and_urls_exclude_each_other() -> None:
