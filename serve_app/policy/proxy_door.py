@@ -32,6 +32,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from typing import Self
 
 from serve_app.policy.errors import Rejection, capacity_rejection
 
@@ -43,8 +44,19 @@ NOTICE_TTL_S = 3 * POST_PERIOD_S
 REFRESH_PERIOD_S = 1.0
 
 
+class _Posted:
+    """A dataclass that goes on the board as JSON."""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Self:
+        return cls(**json.loads(raw))
+
+
 @dataclass(frozen=True)
-class Notice:
+class Notice(_Posted):
     """What one Router replica can hold, posted for the proxies."""
 
     route_prefix: str
@@ -52,27 +64,13 @@ class Notice:
     retry_after_s: int
     posted_at: float
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Notice:
-        return cls(**json.loads(raw))
-
 
 @dataclass(frozen=True)
-class ShedReport:
+class ShedReport(_Posted):
     """One proxy's sheds since it started: app key -> endpoint -> count."""
 
     proxy_id: str
     counts: dict[str, dict[str, int]]
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> ShedReport:
-        return cls(**json.loads(raw))
 
 
 @dataclass(frozen=True)
@@ -178,10 +176,14 @@ class RouterBoard:
             await asyncio.sleep(POST_PERIOD_S)
 
     async def new_sheds(self) -> dict[str, int]:
-        """Per endpoint, the proxies' sheds of this app since the last call."""
+        """Per endpoint, the proxies' sheds of this app since the last call (none while GCS
+        does not answer: they are counted at the next scrape that reads them)."""
         if self.route_prefix is None:
             return {}
-        raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)
+        try:
+            raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)
+        except Exception:
+            return {}
         return self.count_new([ShedReport.decode(raw) for raw in raws])
 
     def count_new(self, reports: list[ShedReport]) -> dict[str, int]:
