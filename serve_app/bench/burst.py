@@ -19,8 +19,8 @@ server that answers every request 429 at once: what this machine's client and HT
 with no Serve and no engine, the least a shed request can take here. The arms' order turns each
 round. `--alone 64` sends, before each burst, the 64 requests admission holds at once by
 themselves: what the admitted requests take when no burst comes with them. `--via proxy` bursts
-at Serve's proxy instead (`http_options.port`, the AWS path), where
-the door counts the completions open per app (`policy/proxy_door.py`).
+at Serve's proxy instead (`http_options.port`, the AWS path), where the door counts the
+completions open per app (`policy/proxy_door.py`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ the proxy, the handle and Serve's request wrapper before the Router refuses it (
 4.6-5.0 s at P50 in a 2,000-request burst on 2 cores).
 
 So each Router replica posts a notice on a board in Ray's GCS key-value store: its app's route
-prefix and what its admission holds at most (`max_in_flight` plus `max_waiting`) (`post_forever`).
+prefix and what its admission holds at most, `max_in_flight` plus `max_waiting`
+(`RouterBoard.post_forever`).
 Each proxy reads the board every second (`CountingDoor.refresh_forever`), sums the notices of an
 app's replicas, and counts the completions it has open for that app. A completion that finds as
 many open as the app can hold gets the same 429 OpenAI error and `Retry-After` at once; the rest
@@ -159,15 +160,18 @@ class RouterBoard:
         self.retry_after_s = retry_after_s
         self.route_prefix: str | None = None
         self._seen: dict[str, dict[str, int]] = {}  # proxy id -> endpoint -> sheds counted
+        self.is_counting = False
 
     async def post_forever(self) -> None:
         """The notice, renewed every `POST_PERIOD_S` (run as a task; a replica that dies stops
-        renewing and its notice lapses)."""
+        renewing and its notice lapses). First the proxies' sheds so far are taken as seen."""
         while True:
             try:
                 if self.route_prefix is None:
                     self.route_prefix = await asyncio.to_thread(_route_prefix, self.app_name)
-                if self.route_prefix is not None:
+                if self.route_prefix is not None and not self.is_counting:
+                    await self.start_counting()
+                if self.is_counting:
                     notice = Notice(self.route_prefix, self.capacity, self.retry_after_s,
                                     time.time())
                     await asyncio.to_thread(_put, self.notice_key, notice.encode())
@@ -175,10 +179,17 @@ class RouterBoard:
                 pass
             await asyncio.sleep(POST_PERIOD_S)
 
+    async def start_counting(self) -> None:
+        """Take the proxies' sheds so far as seen: those of an app deployed before at the same
+        route prefix, or of this app before this replica, are not this replica's to count."""
+        raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)
+        self.count_new([ShedReport.decode(raw) for raw in raws])
+        self.is_counting = True
+
     async def new_sheds(self) -> dict[str, int]:
         """Per endpoint, the proxies' sheds of this app since the last call (none while GCS
         does not answer: they are counted at the next scrape that reads them)."""
-        if self.route_prefix is None:
+        if not self.is_counting:
             return {}
         try:
             raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)

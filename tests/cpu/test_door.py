@@ -180,6 +180,9 @@ def test_a_process_without_a_router_counts_against_the_posted_limit(
     registered, door._counting_door = door._door, CountingDoor()
     counting = door._counting_door
     door.close_door()
+    router = RouterBoard("test", "r1", 64, 1)  # the app's Router, counting from now on
+    router.route_prefix = "/"
+    asyncio.run(router.start_counting())
     held = {**AUTH, "x-hold-s": "2"}
 
     async def two_open_then(path: str) -> tuple[list[int], httpx.Response]:
@@ -216,15 +219,19 @@ def test_a_process_without_a_router_counts_against_the_posted_limit(
         assert gone.status_code == 404
         assert post(server).status_code == 200 and counting.num_shed == {"": {"chat": 1}}
 
-        # The sheds reach the board, where the app's Router counts them once.
-        router = RouterBoard("test", "r1", 64, 1)
-        router.route_prefix = "/"
+        # The sheds reach the board, where the app's Router counts them once; a Router that
+        # starts after them does not count them.
         deadline = time.monotonic() + 10
         new: dict[str, int] = {}
         while not new:
             assert time.monotonic() < deadline, "the proxy's sheds never reached the board"
             new = asyncio.run(router.new_sheds())
         assert new == {"chat": 1} and asyncio.run(router.new_sheds()) == {}
+        later = RouterBoard("test", "r2", 64, 1)
+        later.route_prefix = "/"
+        assert asyncio.run(later.new_sheds()) == {}  # not counting yet
+        asyncio.run(later.start_counting())
+        assert asyncio.run(later.new_sheds()) == {}
     finally:
         door._counting_door = None
         door.open_door(registered)
