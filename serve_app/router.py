@@ -448,11 +448,11 @@ class Router:
         once what the app's Routers could not take (`policy/proxy_door.py`); None without a
         bound or outside a Serve replica (a test's Router: no proxy in front)."""
         capacity = self.admission.capacity()
+        if capacity is None:
+            return None
         try:
             context = serve.get_replica_context()
         except RayServeException:
-            return None
-        if capacity is None:
             return None
         return RouterBoard(context.app_name, context.replica_id.unique_id, capacity,
                            self.cfg.router.admission.retry_after_s)

@@ -78,15 +78,17 @@ def unloaded_s(url: str, body: dict, num: int = 5) -> float:
     return statistics.median(times)
 
 
-def baselines(args: argparse.Namespace, url: str, body: dict) -> dict[str, Any]:
+def baselines(args: argparse.Namespace, url: str, body: dict) -> tuple[float, dict[str, Any]]:
     """What the admitted requests take without the burst: one at a time (`unloaded_s`) and, with
-    `--alone N`, N sent at once (as many as admission holds: the admitted set by itself)."""
-    found: dict[str, Any] = {"unloaded": unloaded_s(url, body)}
+    `--alone N`, N sent at once (as many as admission holds: the admitted set by itself), as
+    summary entries."""
+    unloaded = unloaded_s(url, body)
+    alone: dict[str, Any] = {}
     if args.alone:
         results = asyncio.run(burst(url, body, args.alone, args.timeout_s))
-        found["alone_p50_max_s"] = summarize(url, results, 0.0)["ok_p50_max_s"]
+        alone["alone_p50_max_s"] = summarize(url, results, 0.0)["ok_p50_max_s"]
         time.sleep(1)
-    return found
+    return unloaded, alone
 
 
 def summarize(url: str, results: list[tuple[int, float]], unloaded: float) -> dict[str, Any]:
@@ -131,10 +133,9 @@ def at_urls(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
     summaries = []
     for round_no in range(1, args.rounds + 1):
         for url in args.url if round_no % 2 else args.url[::-1]:
-            found = baselines(args, url, body)
-            unloaded = found.pop("unloaded")
+            unloaded, alone = baselines(args, url, body)
             results = asyncio.run(burst(url, body, args.num_requests, args.timeout_s))
-            summary = {"round": round_no, **summarize(url, results, unloaded), **found}
+            summary = {"round": round_no, **summarize(url, results, unloaded), **alone}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
             time.sleep(args.pause_s)
@@ -161,8 +162,7 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 system = System(arm, ["scripts/serve-local", args.config], f"make run, {arm}")
                 proc = start(system, logs / f"{arm}.r{round_no}.log", timeout_s=900)
                 try:
-                    found = baselines(args, url, body)
-                    unloaded = found.pop("unloaded")
+                    unloaded, alone = baselines(args, url, body)
                     # The first request started the Router's notice; the proxy reads it within
                     # a second (policy/proxy_door.py), as it would before traffic on AWS.
                     time.sleep(2 * REFRESH_PERIOD_S)
@@ -170,7 +170,7 @@ def door_ab(args: argparse.Namespace, body: dict) -> list[dict[str, Any]]:
                 finally:
                     stop(proc)
                 summary = {"round": round_no, "arm": arm, "via": args.via,
-                           **summarize(url, results, unloaded), **found}
+                           **summarize(url, results, unloaded), **alone}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)
     return summaries

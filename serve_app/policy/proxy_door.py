@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Self
+from typing import Self, TypeVar
 
 from serve_app.policy.errors import Rejection, capacity_rejection
 
@@ -54,6 +54,9 @@ class _Posted:
     @classmethod
     def decode(cls, raw: bytes) -> Self:
         return cls(**json.loads(raw))
+
+
+P = TypeVar("P", bound=_Posted)
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,8 @@ class CountingDoor:
                     await asyncio.to_thread(_put, SHEDS_PREFIX + self.proxy_id,
                                             ShedReport(self.proxy_id, counts).encode())
                     posted = counts
-                notices = await asyncio.to_thread(_read_all, NOTICE_PREFIX)
-                self.limits = limits_of([Notice.decode(raw) for raw in notices], time.time())
+                notices = await asyncio.to_thread(read_board, Notice, NOTICE_PREFIX)
+                self.limits = limits_of(notices, time.time())
             except Exception:
                 pass
             await asyncio.sleep(REFRESH_PERIOD_S)
@@ -182,8 +185,7 @@ class RouterBoard:
     async def start_counting(self) -> None:
         """Take the proxies' sheds so far as seen: those of an app deployed before at the same
         route prefix, or of this app before this replica, are not this replica's to count."""
-        raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)
-        self.count_new([ShedReport.decode(raw) for raw in raws])
+        self.count_new(await asyncio.to_thread(read_board, ShedReport, SHEDS_PREFIX))
         self.is_counting = True
 
     async def new_sheds(self) -> dict[str, int]:
@@ -192,10 +194,10 @@ class RouterBoard:
         if not self.is_counting:
             return {}
         try:
-            raws = await asyncio.to_thread(_read_all, SHEDS_PREFIX)
+            reports = await asyncio.to_thread(read_board, ShedReport, SHEDS_PREFIX)
         except Exception:
             return {}
-        return self.count_new([ShedReport.decode(raw) for raw in raws])
+        return self.count_new(reports)
 
     def count_new(self, reports: list[ShedReport]) -> dict[str, int]:
         assert self.route_prefix is not None
@@ -210,15 +212,16 @@ class RouterBoard:
 
 # ---- the board: Ray's GCS key-value store (blocking calls: run them off the event loop) --------
 
-def _read_all(prefix: str) -> list[bytes]:
+def read_board(record: type[P], prefix: str) -> list[P]:
+    """Every record posted under `prefix`."""
     from ray.experimental import internal_kv
 
-    raws = []
+    records = []
     for key in internal_kv._internal_kv_list(prefix, namespace=BOARD_NAMESPACE):
         raw = internal_kv._internal_kv_get(key, namespace=BOARD_NAMESPACE)
         if raw:
-            raws.append(raw)
-    return raws
+            records.append(record.decode(raw))
+    return records
 
 
 def _put(key: str, value: bytes) -> None:

@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from serve_app.policy.proxy_door import (
-    BOARD_NAMESPACE,
     NOTICE_PREFIX,
     REFRESH_PERIOD_S,
     Limit,
     Notice,
     limits_of,
+    read_board,
 )
 from tests.cpu.conftest import MODEL_NAME, app_args
 
@@ -212,13 +212,9 @@ def test_burst_is_served_or_shed(app: dict[str, Any]) -> None:
 
 def wait_for_notice(capacity: int) -> None:
     """Until the Router's notice for the proxies is on the board (`policy/proxy_door.py`)."""
-    from ray.experimental import internal_kv
-
     deadline = time.monotonic() + 30
     while True:
-        keys = internal_kv._internal_kv_list(NOTICE_PREFIX + "traffic/", namespace=BOARD_NAMESPACE)
-        notices = [Notice.decode(internal_kv._internal_kv_get(k, namespace=BOARD_NAMESPACE))
-                   for k in keys]
+        notices = read_board(Notice, NOTICE_PREFIX + "traffic/")
         if limits_of(notices, time.time()).get("") == Limit(capacity, 1):
             return
         assert time.monotonic() < deadline, notices
