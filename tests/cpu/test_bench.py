@@ -471,3 +471,23 @@ def test_goodput_judges_each_request_by_its_class_slo() -> None:
     assert find_goodput(runs, overall_only, target=0.95).goodput_rps is None
     assert find_goodput(runs, with_doc_slo, target=0.95).goodput_rps == 2.0
     assert SLO(per_class={"doc": SLO(ttft_ms=1.0)}).is_set
+
+
+def test_small_model_is_the_tiny_one_scaled_up(tmp_path: Path) -> None:
+    """`--size small` (benchmarks where compute should dominate) keeps the tiny model's
+    tokenizer and vocabulary and changes only the shape."""
+    from safetensors import safe_open
+
+    from serve_app.tiny_model import SIZES, build
+
+    folder = build(tmp_path / "small", size="small")
+    config = json.loads((folder / "config.json").read_text())
+    assert {key: config[key] for key in SIZES["small"]} == SIZES["small"]
+    assert config["vocab_size"] == 1024
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        names = weights.keys()  # a safetensors handle, not a dict
+        params = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in names)
+    assert 20e6 < params < 30e6
+    if TINY_MODEL.exists():
+        tiny = json.loads((TINY_MODEL / "tokenizer.json").read_text())
+        assert json.loads((folder / "tokenizer.json").read_text())["model"] == tiny["model"]
