@@ -112,6 +112,9 @@ class PhaseConfig(_Strict):
     """CPU build only: the engine's processes sleep this long between polls while they wait for
     each other (EngineCore and its worker; vLLM spins on `sched_yield`). For an engine whose
     cores the request path shares: a short sleep leaves them to it (README, "Small machines")."""
+    cpu_poll_spin_us: int | None = Field(default=None, ge=1, le=100000)
+    """CPU build only, with `cpu_poll_sleep_us`: each wait spins (as vLLM does) for this long
+    before it sleeps between polls, so a step that follows at once is not late by a sleep."""
     max_ongoing_requests: int = Field(default=1024, ge=1)
     """Serve's limit per replica; above the router's `admission.max_in_flight`, so that the
     router's health probes are never queued behind requests."""
@@ -511,7 +514,8 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _settings_match_the_device(self) -> AppConfig:
         gpu_only = ("sm_percentage", "pinned_device_mem_limit", "gpu_memory_utilization")
-        cpu_only = ("cpu_cores", "cpu_kv_cache_gib", "cpu_nice", "cpu_poll_sleep_us")
+        cpu_only = ("cpu_cores", "cpu_kv_cache_gib", "cpu_nice", "cpu_poll_sleep_us",
+                    "cpu_poll_spin_us")
         wrong = cpu_only if self.device == "cuda" else gpu_only
         for phase in self.engine_phases:
             cfg: PhaseConfig = getattr(self, phase)
@@ -519,6 +523,9 @@ class AppConfig(_Strict):
                 if getattr(cfg, name) is not None:
                     other = "cpu" if self.device == "cuda" else "cuda"
                     raise ValueError(f"{phase}.{name} applies to device: {other} only")
+            if cfg.cpu_poll_spin_us is not None and cfg.cpu_poll_sleep_us is None:
+                raise ValueError(f"{phase}.cpu_poll_spin_us needs {phase}.cpu_poll_sleep_us "
+                                 "(without it the engine spins all the time)")
             if cfg.gpu_memory_utilization is not None and cfg.kv_cache_memory_bytes is not None:
                 raise ValueError(
                     f"{phase}.gpu_memory_utilization and {phase}.kv_cache_memory_bytes are "

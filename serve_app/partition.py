@@ -70,6 +70,8 @@ def _cpu_env(cfg: AppConfig, role: str) -> dict[str, str]:
         env["PD_SERVE_ENGINE_NICE"] = str(phase.cpu_nice)
     if phase.cpu_poll_sleep_us is not None:
         env["PD_SERVE_ENGINE_POLL_SLEEP_US"] = str(phase.cpu_poll_sleep_us)
+    if phase.cpu_poll_spin_us is not None:
+        env["PD_SERVE_ENGINE_POLL_SPIN_US"] = str(phase.cpu_poll_spin_us)
     return env
 
 

@@ -58,6 +58,7 @@ from typing import Any
 ENV_VAR = "PD_SERVE_NIXL_PROGRESS_DELAY_US"
 OWNER_PID_ENV = "PD_SERVE_ENGINE_OWNER_PID"
 POLL_SLEEP_ENV = "PD_SERVE_ENGINE_POLL_SLEEP_US"
+POLL_SPIN_ENV = "PD_SERVE_ENGINE_POLL_SPIN_US"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,8 @@ def _lower_priority() -> None:
 
 
 def _sleep_between_polls() -> None:
-    """Readers of vLLM's shared-memory queues sleep `cpu_poll_sleep_us` between busy polls."""
+    """Readers of vLLM's shared-memory queues sleep `cpu_poll_sleep_us` between busy polls,
+    after spinning the first `cpu_poll_spin_us` of each wait where that is set."""
     raw = os.environ.get(POLL_SLEEP_ENV)
     if not raw:
         return
@@ -251,12 +253,23 @@ def _sleep_between_polls() -> None:
 
     original = cls.wait
     sleep_s = int(raw) / 1e6
+    spin_s = int(os.environ.get(POLL_SPIN_ENV) or 0) / 1e6
 
     def wait(self, timeout_ms: int | None = None) -> None:  # noqa: ANN001
-        if time.monotonic() <= self.last_read + self.busy_loop_s:
-            time.sleep(sleep_s)
-        else:
+        now = time.monotonic()
+        if now > self.last_read + self.busy_loop_s:
             original(self, timeout_ms)
+            return
+        if spin_s:
+            # A wait begins at the first poll after a read: its first `spin_s` yield, as vLLM
+            # does, so a message that comes soon (the next step's) is read at once.
+            if self.__dict__.get("_pd_serve_read") != self.last_read:
+                self._pd_serve_read = self.last_read
+                self._pd_serve_spin_until = now + spin_s
+            if now < self._pd_serve_spin_until:
+                os.sched_yield()
+                return
+        time.sleep(sleep_s)
 
     wait._pd_serve_sleep = True  # type: ignore[attr-defined]
     cls.wait = wait

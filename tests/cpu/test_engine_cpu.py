@@ -1,5 +1,6 @@
 """The vLLM plugin's CPU-build settings of an engine's processes: `cpu_cores` pins EngineCore
-beside its worker, `cpu_poll_sleep_us` makes them sleep between polls of their shared queue.
+beside its worker, `cpu_poll_sleep_us` makes them sleep between polls of their shared queue
+(after `cpu_poll_spin_us` of spinning, where set).
 
 Each case runs in its own interpreter (the plugin patches the process it runs in). The queue case
 uses a real vLLM `shm_broadcast.MessageQueue`, the one between EngineCore and its worker: a
@@ -75,11 +76,14 @@ if __name__ == "__main__":
 """
 
 
-def run_queue(sleep_us: int | None, tmp_path: Path) -> dict[str, Any]:
+def run_queue(sleep_us: int | None, tmp_path: Path, spin_us: int | None = None
+              ) -> dict[str, Any]:
     env = dict(os.environ)
-    env.pop("PD_SERVE_ENGINE_POLL_SLEEP_US", None)
-    if sleep_us is not None:
-        env["PD_SERVE_ENGINE_POLL_SLEEP_US"] = str(sleep_us)
+    for name, value in (("PD_SERVE_ENGINE_POLL_SLEEP_US", sleep_us),
+                        ("PD_SERVE_ENGINE_POLL_SPIN_US", spin_us)):
+        env.pop(name, None)
+        if value is not None:
+            env[name] = str(value)
     # A file, not `-c`: the spawned reader imports its target from the parent's main module.
     script = tmp_path / "queue_probe.py"
     script.write_text(QUEUE_SCRIPT)
@@ -106,6 +110,20 @@ def test_a_waiting_reader_sleeps_between_polls_and_misses_nothing(tmp_path: Path
     # machine, where the spinning reader gets less than a whole core.
     assert sleep_cpu < 0.5
     assert spin_cpu > sleep_cpu + 0.3
+
+
+def test_a_reader_that_spins_first_then_sleeps_spins_only_the_start_of_each_wait(
+        tmp_path: Path) -> None:
+    """`cpu_poll_spin_us`: a message that comes within the spin is read without a sleep's
+    delay; a longer wait costs the spin, then sleeps. Here 0.1 s of each 0.3 s wait spins."""
+    hybrid = run_queue(100, tmp_path, spin_us=100_000)
+    assert hybrid["is_patched"] and hybrid["values"] == [0, 1, 2, 3, 4]
+    assert max(hybrid["lags_ms"]) < 1000
+    spin_cpu = sum(hybrid["gap_cpu_s"])
+    print(f"reader CPU over 4 waits of 0.3 s, spinning the first 0.1 s of each: {spin_cpu:.3f} s")
+    # 4 x 0.1 s spun at most, plus the sleeps' polls (~0.03-0.05 s a wait, test above); at
+    # least part of the spin even on a busy machine, where the spinner gets less than a core.
+    assert 0.1 < spin_cpu < 0.75
 
 
 PIN_SCRIPT = """
@@ -175,5 +193,12 @@ def test_the_phase_settings_reach_the_engine_env_on_cpu_only() -> None:
         assert env["VLLM_CPU_OMP_THREADS_BIND"] == env["PD_SERVE_ENGINE_CORES"] == cores
     with pytest.raises(ValidationError, match="cpu_poll_sleep_us"):
         AppConfig.model_validate(app_args(prefill={"cpu_poll_sleep_us": 0}))
+    spin = AppConfig.model_validate(app_args(decode={"cpu_poll_sleep_us": 50,
+                                                      "cpu_poll_spin_us": 300}))
+    assert phase_env(spin, "decode")["PD_SERVE_ENGINE_POLL_SPIN_US"] == "300"
+    assert "PD_SERVE_ENGINE_POLL_SPIN_US" not in phase_env(spin, "prefill")
+    with pytest.raises(ValidationError, match="decode.cpu_poll_spin_us needs decode.cpu_poll"):
+        AppConfig.model_validate(app_args(decode={"cpu_poll_sleep_us": None,
+                                                  "cpu_poll_spin_us": 300}))
     with pytest.raises(ValidationError, match="prefill.cpu_poll_sleep_us applies to device: cpu"):
         AppConfig.model_validate(gpu_args(prefill={"cpu_poll_sleep_us": 100}))
