@@ -43,7 +43,9 @@ is never, so a waiting process spins on its core. Measured on 2 cores, 200 mixed
 on the core it shares with the Router and the HTTP proxy (2.8 with a 100 us sleep). Blocking
 sooner is not an option: with a 0 s busy loop notifications get lost and steps stall ~5 s
 (vLLM's recovery cap; measured: ITL P99 5 s). So the busy loop stays and sleeps between its
-polls instead of yielding.
+polls instead of yielding. A sleep's wake-up then delays each message that comes while the
+reader sleeps, several a step; `cpu_poll_spin_us` keeps vLLM's yielding for the start of each
+wait, which the next step's message mostly falls in (README, "Small machines").
 """
 
 from __future__ import annotations

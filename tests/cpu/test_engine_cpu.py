@@ -183,7 +183,8 @@ def test_this_vllm_has_the_nixl_worker_whose_core_choice_the_plugin_undoes() -> 
 
 
 def test_the_phase_settings_reach_the_engine_env_on_cpu_only() -> None:
-    args = app_args(prefill={"cpu_poll_sleep_us": 100}, decode={"cpu_poll_sleep_us": None})
+    args = app_args(prefill={"cpu_poll_sleep_us": 100},
+                    decode={"cpu_poll_sleep_us": None, "cpu_poll_spin_us": None})
     cfg = AppConfig.model_validate(args)
     assert phase_env(cfg, "prefill")["PD_SERVE_ENGINE_POLL_SLEEP_US"] == "100"
     assert "PD_SERVE_ENGINE_POLL_SLEEP_US" not in phase_env(cfg, "decode")
