@@ -138,10 +138,16 @@ def test_load_rule_keeps_a_mid_prompt_local_under_a_prefill_backlog(app: dict[st
             backlog = asyncio.gather(
                 *(client.post(app["url"], json=completion(longest)) for _ in range(12))
             )
-            mids = []
+            # Mids go out while the backlog lasts, each on its own: one that reaches the Router
+            # before the backlog does is disaggregated and waits behind it on prefill, and must
+            # not hold back the ones after it (at most 6 out at once, under admission's limits).
+            mids: list[asyncio.Task] = []
             while not backlog.done():
-                mids.append(await client.post(app["url"], json=completion(mid_prompt)))
-            return mids, await backlog
+                if sum(not mid.done() for mid in mids) < 6:
+                    post = client.post(app["url"], json=completion(mid_prompt))
+                    mids.append(asyncio.ensure_future(post))
+                await asyncio.sleep(0.1)
+            return list(await asyncio.gather(*mids)), await backlog
 
     mids, backlog = asyncio.run(run())
     assert {r.status_code for r in (*mids, *backlog)} == {200}
@@ -242,20 +248,65 @@ def wait_for_route(url: str, route: str, timeout_s: float) -> float:
     raise AssertionError(f"no {route} answer within {timeout_s} s")
 
 
-def test_prefill_killed_new_requests_go_decode_only_at_once(app: dict[str, Any]) -> None:
-    kill_replica(app, "prefill")
-    killed = time.monotonic()
-    first = httpx.post(app["url"], json=completion(LONG_PROMPT), timeout=30)
-    assert first.status_code == 200
-    assert time.monotonic() - killed < 5
-    for _ in range(3):
-        response = httpx.post(app["url"], json=completion(LONG_PROMPT), timeout=30)
-        assert response.status_code == 200
-        assert response.headers["x-pd-route"] in (
-            "decode_only; reason=prefill_down", "decode_only; reason=fallback"
-        )
+def load_through(url: str, event: Any, clients: int = 4, after_s: float = 6.0) -> list[tuple]:
+    """Clients post long prompts back to back; `event()` runs once the load is going. Each
+    request: (sent, answered, status, route), times relative to the event; the load stops
+    `after_s` after it."""
+    results: list[tuple] = []
+    event_at: list[float] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not event_at or time.monotonic() - event_at[0] < after_s:
+            sent = time.monotonic()
+            response = await client.post(url, json=completion(LONG_PROMPT))
+            results.append((sent, time.monotonic(), response.status_code,
+                            response.headers.get("x-pd-route", "")))
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            loops = [asyncio.ensure_future(client_loop(client)) for _ in range(clients)]
+            while len(results) < 2 * clients:  # the pair is serving the load
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(event)
+            event_at.append(time.monotonic())
+            await asyncio.gather(*loops)
+
+    asyncio.run(run())
+    return [(sent - event_at[0], done - event_at[0], status, route)
+            for sent, done, status, route in results]
+
+
+def test_prefill_killed_mid_load_every_request_is_answered(app: dict[str, Any]) -> None:
+    """Four clients keep long prompts coming while prefill's replica is SIGKILLed: each request
+    is a 200, those in flight at the kill included (a dead prefill call falls back to decode, a
+    read from the dead engine is recomputed), and the first one sent after the kill is answered
+    within 5 s, decode-only."""
+    results = load_through(app["url"], lambda: kill_replica(app, "prefill"))
+    after = check_answered_through(results, "prefill")
+    assert after[-1][3] in ("decode_only; reason=prefill_down", "decode_only; reason=fallback")
     # Serve restarts the replica; traffic returns to the pair by itself.
     wait_for_route(app["url"], "disaggregated", timeout_s=600)
+
+
+def test_decode_killed_mid_load_every_request_is_answered(app: dict[str, Any]) -> None:
+    """The same with decode's replica: requests in flight move to prefill (migration), new ones
+    run whole on prefill, every one a 200."""
+    results = load_through(app["url"], lambda: kill_replica(app, "decode"))
+    after = check_answered_through(results, "decode")
+    assert after[-1][3] == "prefill_only; reason=decode_down"
+    wait_for_route(app["url"], "disaggregated", timeout_s=600)
+
+
+def check_answered_through(results: list[tuple], killed: str) -> list[tuple]:
+    """Every request a 200, the first sent after the kill answered within 5 s of it; returns
+    those sent after the kill, in order."""
+    in_flight = [r for r in results if r[0] <= 0 < r[1]]
+    after = sorted((r for r in results if r[0] > 0), key=lambda r: r[0])
+    print(f"{killed} killed: {len(in_flight)} requests in flight at the kill, {len(after)} sent"
+          f" after it, the first answered {after[0][1] if after else float('nan'):.2f} s after")
+    assert [r for r in results if r[2] != 200] == []
+    assert after and after[0][1] < 5, after[:3]
+    return after
 
 
 def test_decode_killed_mid_stream_continues_on_prefill(app: dict[str, Any]) -> None:
