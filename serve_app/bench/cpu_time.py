@@ -19,14 +19,13 @@ Linux only (`/proc`); elsewhere the snapshot is empty and the table says so.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve_app.bench.records import load_runs
+from serve_app.bench.records import load_runs, read_json
 
 GROUPS = ("engine", "request path", "ray", "client", "other")
 _RAY_NAMES = ("gcs_server", "raylet", "ray-dashboard", "ray::")
@@ -155,7 +154,7 @@ def count_requests(path: Path) -> int:
 def tables(labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...]) -> str:
     """CPU ms per request by process group, each measured workload, every round pooled."""
     windows = {
-        label: [json.loads(path.read_text()) for round_no in range(1, num_rounds + 1)
+        label: [read_json(path) for round_no in range(1, num_rounds + 1)
                 if (path := cpu_path(out, label, round_no)).exists()]
         for label in labels
     }

@@ -15,12 +15,11 @@ between rounds stays visible next to the pooled figures.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serve_app.bench.records import RequestRecord, run_payload
+from serve_app.bench.records import RequestRecord, read_json, run_payload
 from serve_app.bench.stats import SLO, find_goodput, summarize
 
 DEFAULT_ATTAINMENT_TARGET = 0.9
@@ -30,7 +29,7 @@ def pool_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     """The pooled results payload of `paths` (same kind and label, in round order)."""
     if not paths:
         raise ValueError("nothing to pool: no results files given")
-    files = [json.loads(Path(path).read_text()) for path in paths]
+    files = [read_json(path) for path in paths]
     kinds = {data.get("kind", "run") for data in files}
     labels = {data.get("label") for data in files}
     if len(kinds) != 1 or len(labels) != 1:

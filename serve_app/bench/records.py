@@ -9,12 +9,19 @@ A results file is one JSON object:
 
 Times inside records are seconds (`*_s`); summaries use milliseconds (`*_ms`). An unlimited
 request rate is stored as `null`.
+
+A name ending in `.gz` is written and read gzipped. The side-by-side keeps its raw records so
+(`RECORDS_SUFFIX`), and so do the committed results: every tracked file travels to a lent GPU
+machine with each call, within 64 MiB (`serve_app/gpu_campaign.py`), and the records compress
+about 4x. Where a `.json` name is asked for and only its `.json.gz` exists, that is read.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,23 +106,51 @@ def run_payload(
     }
 
 
+RECORDS_SUFFIX = ".json.gz"
+"""What the side-by-side names its files of per-request records with."""
+
+
 def save_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """`payload` as JSON at `path`, gzipped where the name ends in `.gz`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"
+    if target.name.endswith(".gz"):
+        target.write_bytes(gzip.compress(text.encode(), mtime=0))  # the same bytes every time
+    else:
+        target.write_text(text)
+
+
+def resolve(path: str | Path) -> Path:
+    """`path`, or its gzipped twin (`NAME.gz`) where only that one exists."""
+    target = Path(path)
+    twin = target.with_name(target.name + ".gz")
+    return twin if not target.exists() and twin.exists() else target
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file, plain or gzipped (by its name); a `.json` name may stand for its `.json.gz`."""
+    source = resolve(path)
+    data = source.read_bytes()
+    return json.loads(gzip.decompress(data) if source.name.endswith(".gz") else data)
+
+
+def results_name(path: str | Path) -> str:
+    """A results file's name without `.json` or `.json.gz`: `pd-mixed.json.gz` -> `pd-mixed`."""
+    return re.sub(r"(\.json)?(\.gz)?$", "", Path(path).name)
 
 
 def load_runs(path: str | Path) -> list[RunResult]:
     """Every run in a results file ("run" or "sweep"), labelled with the file's label."""
-    data = json.loads(Path(path).read_text())
-    label = str(data.get("label") or Path(path).stem)
+    data = read_json(path)
+    label = str(data.get("label") or results_name(path))
     raw_runs = data["runs"] if data.get("kind") == "sweep" else [data]
     return [_run_from_dict(label, raw) for raw in raw_runs]
 
 
 def load_goodput(path: str | Path) -> float | None:
     """The goodput stored in a sweep file, or `None` for run files and sweeps with none."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path)
     goodput = data.get("goodput") or {}
     return goodput.get("goodput_rps")
 

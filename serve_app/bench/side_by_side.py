@@ -57,7 +57,7 @@ import yaml
 from serve_app.bench import cpu_time
 from serve_app.bench.launch_common import INGRESS_PORT, load_serve_yaml, model_source
 from serve_app.bench.pool import pool_results
-from serve_app.bench.records import save_json
+from serve_app.bench.records import RECORDS_SUFFIX, save_json
 from serve_app.bench.side_by_side_workloads import (
     add_workload_args,
     check_workload_args,
@@ -307,12 +307,16 @@ def run_workloads(
     return commands
 
 
+def pooled_path(out: Path, label: str, kind: str) -> Path:
+    return out / f"{label}-{kind}{RECORDS_SUFFIX}"
+
+
 def pool_rounds(labels: list[str], out: Path, num_rounds: int, kinds: tuple[str, ...]) -> None:
-    """`LABEL-KIND.json` from the rounds' `rounds/LABEL-KIND.rN.json`."""
+    """`LABEL-KIND.json.gz` from the rounds' `rounds/LABEL-KIND.rN.json.gz`."""
     for label in labels:
         for kind in kinds:
             paths = [round_path(out, label, kind, n) for n in range(1, num_rounds + 1)]
-            save_json(out / f"{label}-{kind}.json", pool_results(paths))
+            save_json(pooled_path(out, label, kind), pool_results(paths))
 
 
 def headline(
@@ -327,7 +331,7 @@ def headline(
     for label in labels:
         files = [{kind: round_path(out, label, kind, n) for kind in kinds}
                  for n in range(1, num_rounds + 1)]
-        files.append({kind: out / f"{label}-{kind}.json" for kind in kinds})
+        files.append({kind: pooled_path(out, label, kind) for kind in kinds})
         figures[label] = [load(f) for f in files]
     pooled = {label: f[-1] for label, f in figures.items()}
     if is_mixed:
@@ -342,7 +346,7 @@ def report(
     baseline = labels[0]
     sections = []
     for kind in kinds:
-        files = [str(out / f"{label}-{kind}.json") for label in labels]
+        files = [str(pooled_path(out, label, kind)) for label in labels]
         table = subprocess.run(
             [sys.executable, "-m", "serve_app.bench", "compare", *files, "--baseline", baseline],
             cwd=ROOT, capture_output=True, text=True, check=True,
@@ -350,7 +354,7 @@ def report(
         sections.append((kind, table))
     subprocess.run(
         [sys.executable, "-m", "serve_app.bench", "plot",  # the sweep kind is the last one
-         *[str(out / f"{label}-{kinds[-1]}.json") for label in labels],
+         *[str(pooled_path(out, label, kinds[-1])) for label in labels],
          "--out", str(out / "plots")],
         cwd=ROOT, check=True, capture_output=True,
     )
@@ -398,7 +402,7 @@ def write_summary(
     kinds = workload_kinds(opts)
     per_class = " (and per class, `*_CLASS.png`)" if opts.mix else ""
     lines += [f"Plots: `plots/` (pooled){per_class}. Raw per-request records: "
-              + ", ".join(f"`*-{kind}.json`" for kind in kinds)
+              + ", ".join(f"`*-{kind}{RECORDS_SUFFIX}`" for kind in kinds)
               + " (pooled, with each round's summary under `rounds`) and "
               "`rounds/` (each round's own files and bench logs). Exact bench commands: "
               "`commands.json`.", ""]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.bench.cli import parse_class_slo
+from serve_app.bench.records import RECORDS_SUFFIX
 from serve_app.bench.verdict import KINDS, MIXED_KINDS
 from serve_app.bench.workload import parse_mix
 
@@ -90,7 +91,7 @@ def workload_kinds(opts: argparse.Namespace) -> tuple[str, ...]:
 
 
 def round_path(out: Path, label: str, kind: str, round_no: int) -> Path:
-    return out / "rounds" / f"{label}-{kind}.r{round_no}.json"
+    return out / "rounds" / f"{label}-{kind}.r{round_no}{RECORDS_SUFFIX}"
 
 
 def workload_steps(

@@ -23,11 +23,11 @@ each round or only on average.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from serve_app.bench.records import read_json
 from serve_app.bench.report import fmt, format_table
 
 KINDS = ("c1", "c8", "sweep")
@@ -51,7 +51,7 @@ class Figures:
 
 def load_figures(files: Mapping[str, str | Path]) -> Figures:
     """Figures from one system's `c1`, `c8` and `sweep` results files."""
-    data = {kind: json.loads(Path(files[kind]).read_text()) for kind in KINDS}
+    data = {kind: read_json(files[kind]) for kind in KINDS}
     c1, c8 = data["c1"]["summary"], data["c8"]["summary"]
     sweep_runs = [run["summary"] for run in data["sweep"]["runs"]]
     summaries = [c1, c8, *sweep_runs]
@@ -166,7 +166,7 @@ class MixedFigures:
 
 def load_mixed_figures(files: Mapping[str, str | Path]) -> MixedFigures:
     """Figures from one system's `mixed` and `mixed-sweep` results files."""
-    data = {kind: json.loads(Path(files[kind]).read_text()) for kind in MIXED_KINDS}
+    data = {kind: read_json(files[kind]) for kind in MIXED_KINDS}
     mixed = data["mixed"]["summary"]
     classes = mixed.get("classes") or {}
     summaries = [mixed, *(run["summary"] for run in data["mixed-sweep"]["runs"])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from pathlib import Path
@@ -18,7 +19,15 @@ from serve_app.bench.compare import (
 )
 from serve_app.bench.plots import plot_results
 from serve_app.bench.pool import pool_results
-from serve_app.bench.records import RequestRecord, load_goodput, load_runs, run_payload, save_json
+from serve_app.bench.records import (
+    RequestRecord,
+    load_goodput,
+    load_runs,
+    read_json,
+    results_name,
+    run_payload,
+    save_json,
+)
 from serve_app.bench.report import format_summary, format_sweep
 from serve_app.bench.stats import SLO, find_goodput, slo_attainment, summarize
 from serve_app.bench.verdict import (
@@ -155,6 +164,26 @@ def test_pooled_rounds_count_every_request_once(tmp_path: Path) -> None:
     assert run.summary["slo_attainment"] == pytest.approx(2 / 5)  # TTFT SLO 200 ms
     rounds = json.loads(pooled_path.read_text())["rounds"]
     assert [r["summary"]["num_requests"] for r in rounds] == [2, 3]
+
+
+def test_gzipped_results_read_as_plain_ones(tmp_path: Path) -> None:
+    """A `.gz` name is written gzipped (the same bytes each time); every reader takes it, and a
+    `.json` name finds its `.json.gz` where only that exists (the committed results)."""
+    write_run(tmp_path / "r1.json.gz", [0.1, 0.3], duration_s=2.0)
+    raw = (tmp_path / "r1.json.gz").read_bytes()
+    assert gzip.decompress(raw).startswith(b"{")
+    write_run(tmp_path / "r1.json.gz", [0.1, 0.3], duration_s=2.0)
+    assert (tmp_path / "r1.json.gz").read_bytes() == raw
+    write_run(tmp_path / "r2.json", [0.2, 0.4, 0.5], duration_s=3.0)
+    assert main(["pool", str(tmp_path / "r1.json"), str(tmp_path / "r2.json"),
+                 "--save", str(tmp_path / "pooled.json.gz")]) == 0
+    (run,) = load_runs(tmp_path / "pooled.json")
+    assert len(run.records) == 5 and run.duration_s == 5.0
+    assert read_json(tmp_path / "pooled.json.gz") == read_json(tmp_path / "pooled.json")
+    assert results_name(tmp_path / "pd-mixed.json.gz") == "pd-mixed"
+    assert results_name("pd-mixed.json") == "pd-mixed"
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "missing.json")
 
 
 def test_pooled_sweeps_search_goodput_again(tmp_path: Path) -> None:

@@ -93,9 +93,9 @@ def test_mixed_workload_commands_and_an_extra_system(tmp_path: Path) -> None:
     assert (flag(warmup, "--num-requests"), flag(warmup, "--request-rate")) == ("60", "6.0")
     assert flag(warmup, "--seed") == "1"  # not the measured prompts
     assert (flag(mixed, "--num-requests"), flag(mixed, "--request-rate")) == ("200", "6.0")
-    assert flag(mixed, "--save") == str(tmp_path / "rounds" / "pd-nocond-mixed.r2.json")
+    assert flag(mixed, "--save") == str(tmp_path / "rounds" / "pd-nocond-mixed.r2.json.gz")
     assert sweep[0] == "sweep" and flag(sweep, "--rates") == "3,6,9"
-    assert flag(sweep, "--save") == str(tmp_path / "rounds" / "pd-nocond-mixed-sweep.r2.json")
+    assert flag(sweep, "--save") == str(tmp_path / "rounds" / "pd-nocond-mixed-sweep.r2.json.gz")
     text = describe_workload(plan.opts)
     assert "`chat` 80% (64-token prompts, 128 output tokens)" in text
     assert "60 warm-up requests (not counted), then 200 at Poisson 6 req/s" in text
@@ -170,4 +170,4 @@ def test_mixed_summary_from_round_files(tmp_path: Path) -> None:
     summary = (tmp_path / "README.md").read_text()
     assert "## Mixed workload at 6 req/s (overall and per class)" in summary
     assert "- `pd-nocond`: this app served from `configs/local-cpu.yaml`" in summary
-    assert "`*-mixed.json`, `*-mixed-sweep.json`" in summary
+    assert "`*-mixed.json.gz`, `*-mixed-sweep.json.gz`" in summary
