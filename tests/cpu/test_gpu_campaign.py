@@ -8,10 +8,19 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from serve_app.config import AppConfig
-from serve_app.gpu_campaign import STEPS, join_parts, slim_wheel, split_into_parts
+from serve_app.gpu_campaign import (
+    MIB,
+    MIN_PART_MIB,
+    STEPS,
+    check_room,
+    join_parts,
+    slim_wheel,
+    split_into_parts,
+)
 from tests.cpu.conftest import ROOT
 from tests.cpu.test_plan import LLAMA_8B_KV_PER_TOKEN, LLAMA_8B_PARAMS
 
@@ -74,6 +83,8 @@ def test_stage_lists_what_the_box_lacks() -> None:
     assert len(names) == len(pins)  # one version of each
     # What the box taught (2026-12-04): a reflection module matching its grpcio, and pycountry.
     assert "grpcio-reflection==1.84.0" in pins and "pycountry" in names
+    # What the rehearsal taught (2026-12-06): xgrammar imports FlashInfer's FFI with vLLM.
+    assert "apache-tvm-ffi" in names
 
 
 def test_wheels_split_into_parts_and_join_back(tmp_path: Path) -> None:
@@ -134,3 +145,40 @@ def test_the_box_side_by_side_args_are_a_valid_sustained_mixed_run(tmp_path: Pat
 
     plan = parse_plan(["--preset", "cpu", "--out", str(tmp_path), *shlex.split(GPU_MIX_ARGS)])
     assert plan.opts.mix and plan.opts.seconds_per_rate == 10
+
+
+def test_the_tracked_tree_leaves_room_for_a_part() -> None:
+    """Every call to a lent GPU machine carries the tracked files within 64 MiB: results that
+    crowd that out would fail the next lease's every call (raw records go gzipped)."""
+    assert check_room(None) >= MIN_PART_MIB
+
+
+def test_a_tree_too_large_for_the_calls_is_refused_with_its_folders() -> None:
+    mib = MIB
+    crowded = {"bench/results/cpu-x/pd.json": 60 * mib, "serve_app/app.py": 20_000}
+    with pytest.raises(SystemExit, match=r"60\.0 MiB and every call .* room for a part of 1 "
+                       r"MiB, at least 16 needed.*bench/results/cpu-x 60\.0 MiB, serve_app 0\.0"):
+        check_room(None, crowded)
+    small = {"serve_app/app.py": 20_000}
+    assert check_room(None, small) == 61
+    assert check_room(30, small) == 30
+    with pytest.raises(SystemExit, match="room for a part of 61 MiB, asked 62"):
+        check_room(62, small)
+    with pytest.raises(ValueError, match="part size must be > 0 bytes"):
+        split_into_parts(Path("."), Path("parts"), 0)
+
+
+def test_probe_imports_what_a_replica_and_its_engine_import() -> None:
+    """The box's import probe (`install` runs it) names modules this vLLM has too, so a moved or
+    misspelt one fails here, not on a lease."""
+    result = subprocess.run(["scripts/gpu-campaign", "probe"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "imports ok (18 modules)" in result.stdout
+
+
+def test_rehearse_needs_a_stand_in_box(tmp_path: Path) -> None:
+    result = subprocess.run(["scripts/gpu-campaign", "rehearse", "--box", str(tmp_path / "box")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert f"no stand-in box at {tmp_path / 'box'}: `rehearse --make-box" in result.stderr
