@@ -90,7 +90,7 @@ BOX_MATCHED = {"grpcio-reflection": "1.84.0"}
 # GPU worker, the model, the attention backend, the sampler, the NIXL connector), not only the
 # packages' tops. A missing dependency deep in vLLM shows there in seconds, not as a replica
 # Serve restarts for minutes. None needs the CUDA driver to import, so `rehearse` checks them
-# here too.
+# here too (serve_app/gpu_rehearsal.py).
 PROBE_MODULES = (
     "vllm", "ray.serve", "nixl", "serve_app.app", "serve_app.servers", "serve_app.vllm_plugin",
     "serve_app.gpu_gate", "serve_app.bench.side_by_side", "vllm.v1.engine.async_llm",
@@ -99,17 +99,6 @@ PROBE_MODULES = (
     "vllm.model_executor.model_loader.dummy_loader", "vllm.v1.attention.backends.flash_attn",
     "vllm.v1.sample.sampler", "vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector",
 )
-# The stand-in for the box that `rehearse --make-box` builds here: Python 3.12 with the box's
-# packages (BOX_HAS), at the versions the device library read off it (KINDS.md, 2026-11) where
-# it names them, PyPI's newest otherwise; without the GBs no import touches.
-BOX_PYTHON = "python3.12"
-BOX_VERSIONS = {
-    "torch": "2.11.0", "torchvision": "0.26.0", "torchaudio": "2.11.0", "transformers": "5.17.0",
-    "triton": "3.6.0", "numpy": "2.5.2", "tokenizers": "0.23.2", "grpcio": "1.84.0",
-    "huggingface-hub": "1.33.0", "safetensors": "0.8.0", "tiktoken": "0.14.0",
-    "sentencepiece": "0.2.2", "accelerate": "1.15.0",
-}
-NOT_IN_THE_STAND_IN = {"cupy", "cupy-cuda13x", "cuda-toolkit", "cmake", "pip", "setuptools"}
 STEPS = ("env", "model", "configs", "mps-start", "gate", "copy", "handoff", "side-by-side",
          "mps-stop")
 PRESET_CONFIGS = {"pd": ROOT / "configs/h100-llama3.1-8b-pd.yaml",
@@ -683,30 +672,9 @@ def cmd_probe(opts: argparse.Namespace) -> int:
 
 
 def cmd_rehearse(opts: argparse.Namespace) -> int:
-    """Here, before a lease: the staged parts received and installed as on the box, by a stand-in
-    for its Python (`--make-box` builds one), and the box's import probe run. Leaves nothing in
-    the box's folders (/tmp/pd-stage, /tmp/pd-site) afterwards."""
-    box = Path(opts.box)
-    python = box / "bin" / "python"
-    if opts.make_box:
-        maker = shutil.which(opts.python)
-        if maker is None:
-            raise SystemExit(f"{opts.python} not found: the box runs Python 3.12 (--python)")
-        subprocess.run([maker, "-m", "venv", str(box)], check=True)
-        pins = [f"{name}=={BOX_VERSIONS[name]}" if name in BOX_VERSIONS else name
-                for name in sorted(BOX_HAS - NOT_IN_THE_STAND_IN)]
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *pins], check=True)
-    if not python.exists():
-        raise SystemExit(f"no stand-in box at {box}: `rehearse --make-box --box {box}` builds one")
-    for folder in (BOX_STAGE, BOX_SITE):
-        shutil.rmtree(folder, ignore_errors=True)
-    try:
-        cmd_receive(opts)
-        return subprocess.run([str(python), "-m", "serve_app.gpu_campaign", "install"], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False).returncode
-    finally:
-        for folder in (BOX_STAGE, BOX_SITE):
-            shutil.rmtree(folder, ignore_errors=True)
+    from serve_app.gpu_rehearsal import rehearse
+
+    return rehearse(opts)
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -729,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     rehearse.add_argument("--box", default="/tmp/pd-box", help="the stand-in's venv")
     rehearse.add_argument("--make-box", action="store_true",
                           help="build the stand-in first (Python 3.12, the box's packages; ~6 GB)")
-    rehearse.add_argument("--python", default=BOX_PYTHON,
+    rehearse.add_argument("--python", default="python3.12",
                           help="the Python 3.12 that builds the stand-in (default: %(default)s)")
     run = sub.add_parser("run", help="box: the campaign's steps")
     run.add_argument("--dry-run", action="store_true", help="CPU-safe: list, plan, gate on CPU")

@@ -4,6 +4,7 @@ copy is timed on the handoff's bytes; and the wheel staging splits and joins byt
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 from pathlib import Path
@@ -182,3 +183,20 @@ def test_rehearse_needs_a_stand_in_box(tmp_path: Path) -> None:
                             cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert f"no stand-in box at {tmp_path / 'box'}: `rehearse --make-box" in result.stderr
+
+
+def test_driver_stub_defines_what_the_extensions_link_to(tmp_path: Path) -> None:
+    """The rehearsal's stand-in for the CUDA driver: every `cu*` entry point the libraries link
+    to, defined, so they load where no driver is (here); calls return an error."""
+    from serve_app.gpu_rehearsal import build_driver_stub
+
+    (tmp_path / "ext.c").write_text("int cuInit(int); int cuMemAlloc_v2(void);\n"
+                                    "int use(void) { return cuInit(0) + cuMemAlloc_v2(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "ext.so"),
+                    str(tmp_path / "ext.c")], check=True)
+    stub = build_driver_stub(tmp_path, tmp_path / "driver")
+    assert stub.name == "libcuda.so.1"
+    defined = subprocess.run(["nm", "-D", "--defined-only", str(stub)], capture_output=True,
+                             text=True, check=True).stdout
+    assert {line.split()[-1] for line in defined.splitlines()} >= {"cuInit", "cuMemAlloc_v2"}
+    assert ctypes.CDLL(str(stub)).cuInit(0) == 999
