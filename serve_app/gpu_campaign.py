@@ -495,18 +495,17 @@ def tracked_sizes() -> dict[str, int]:
     return {name: (ROOT / name).stat().st_size for name in listed if (ROOT / name).is_file()}
 
 
-def default_part_mib(sizes: dict[str, int] | None = None) -> int:
-    """What a call has room for beside the working tree (the tracked files), less 2 MiB."""
-    tree = sum((tracked_sizes() if sizes is None else sizes).values())
-    return (CALL_BYTES - tree) // MIB - 2
+def default_part_mib(sizes: dict[str, int]) -> int:
+    """What a call has room for beside the working tree (`sizes`), less 2 MiB."""
+    return (CALL_BYTES - sum(sizes.values())) // MIB - 2
 
 
 def check_room(part_mib: int | None, sizes: dict[str, int] | None = None) -> int:
     """The part size to stage with, or an error naming what crowds the calls out.
 
-    Every call to a lent machine carries the working tree (`tracked_sizes`), within `CALL_BYTES`. A tree
-    that leaves less than `MIN_PART_MIB` would take more calls than a lease has time for; one
-    over the limit fails every call, the first included."""
+    Every call to a lent machine carries the working tree (`tracked_sizes`), within
+    `CALL_BYTES`. A tree that leaves less than `MIN_PART_MIB` would take more calls than a lease
+    has time for; one over the limit fails every call, the first included."""
     sizes = tracked_sizes() if sizes is None else sizes
     room = default_part_mib(sizes)
     if part_mib is None and room >= MIN_PART_MIB:
@@ -650,9 +649,13 @@ def cmd_install(opts: argparse.Namespace) -> int:
                     "--no-compile",
                     "--target", str(BOX_SITE), *map(str, sorted(wheels.glob("*.whl")))],
                    check=True)
-    env = {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}"}
     return subprocess.run([sys.executable, "-m", "serve_app.gpu_campaign", "probe"], cwd=ROOT,
-                          env=env, check=False).returncode
+                          env=box_env(), check=False).returncode
+
+
+def box_env(**extra: str) -> dict[str, str]:
+    """This environment with the stack `install` put in `BOX_SITE`, and this project, importable."""
+    return {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}", **extra}
 
 
 def cmd_probe(opts: argparse.Namespace) -> int:

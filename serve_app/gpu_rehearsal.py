@@ -20,14 +20,21 @@ The box's folders (/tmp/pd-stage, /tmp/pd-site) are left empty afterwards.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from serve_app.gpu_campaign import BOX_HAS, BOX_SITE, BOX_STAGE, PRESET_CONFIGS, ROOT, cmd_receive
+from serve_app.gpu_campaign import (
+    BOX_HAS,
+    BOX_SITE,
+    BOX_STAGE,
+    PRESET_CONFIGS,
+    ROOT,
+    box_env,
+    cmd_receive,
+)
 
 BOX_PYTHON = "python3.12"
 # The box's versions where the device library read them (KINDS.md, 2026-11); PyPI's newest for
@@ -88,8 +95,8 @@ def _check_engines_on_the_box(python: Path, scratch: Path) -> int:
 
 
 def _box_run(python: Path, args: list[str], extra_env: dict[str, str] | None = None) -> int:
-    env = {**os.environ, "PYTHONPATH": f"{BOX_SITE}{os.pathsep}{ROOT}", **(extra_env or {})}
-    return subprocess.run([str(python), "-m", *args], cwd=ROOT, env=env, check=False).returncode
+    return subprocess.run([str(python), "-m", *args], cwd=ROOT, env=box_env(**(extra_env or {})),
+                          check=False).returncode
 
 
 def build_driver_stub(vllm_dir: Path, out: Path) -> Path:
@@ -121,7 +128,8 @@ def check_engines(configs: Path) -> int:
     CudaPlatform.get_device_capability = classmethod(
         lambda cls, device_id=0: DeviceCapability(*CARD["capability"]))
     CudaPlatform.get_device_name = classmethod(lambda cls, device_id=0: CARD["name"])
-    CudaPlatform.get_device_total_memory = classmethod(lambda cls, device_id=0: CARD["memory_bytes"])
+    CudaPlatform.get_device_total_memory = classmethod(
+        lambda cls, device_id=0: CARD["memory_bytes"])
     vllm.platforms.current_platform = CudaPlatform()
 
     import yaml
