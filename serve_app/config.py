@@ -289,15 +289,16 @@ class RoutingConfig(_Strict):
     conditional: bool = True
     """False sends every request through prefill (the plain disaggregated app)."""
     short_prompt_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
-    """Prompts with fewer tokens run decode-local. None derives it: on the CPU build 256 (chosen,
-    not yet swept); on a GPU the prompt decode can prefill within `local_prefill_budget_ms` at
-    its SM share (0 disaggregates every prompt)."""
+    """Prompts with fewer tokens run decode-local. None derives it: the prompt decode can
+    prefill within `local_prefill_budget_ms`, on a GPU at its SM share of the card's peak, on
+    the CPU build at a per-core rate measured on the 2-core machine (the tiny model: 2,369, so
+    every prompt it takes; `policy/route.py`). 0 disaggregates every prompt."""
     short_output_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
     """Requests asking for at most this many tokens (`max_tokens`, `max_completion_tokens`)
-    run whole on prefill, with no handoff. None derives it: on the CPU build 16 (chosen, not yet
-    swept), on a GPU 1 (a one-token request gains nothing from decode); 0 turns the rule off."""
+    run whole on prefill, with no handoff. None derives it: on the CPU build 8 (measured), on a
+    GPU 1 (a one-token request gains nothing from decode); 0 turns the rule off."""
     local_prefill_budget_ms: float = Field(default=20.0, gt=0.0, le=10_000.0)
-    """GPU only: how long one local prefill may stall decode's running streams."""
+    """How long one local prefill may stall decode's running streams."""
     decode_peak_tflops: float = Field(default=989.0, gt=0.0)
     """GPU only: the card's dense BF16 peak (H100/H200: 989), scaled by decode's SM share."""
     prefill_backlog_ratio: float = Field(default=4.0, ge=1.0)

@@ -64,6 +64,7 @@ from serve_app.ops.metrics import CONTENT_TYPE
 from serve_app.ops.telemetry import RouterTelemetry, current_request
 from serve_app.outcome import Guarded, Outcome
 from serve_app.pairs import on_pair, replica_nodes
+from serve_app.plan import ModelShape, load_model_shape
 from serve_app.policy import limits
 from serve_app.policy.admission import Admission, Slot
 from serve_app.policy.auth import ApiKeys
@@ -98,12 +99,10 @@ fastapi_app = FastAPI(title="pd-serve")
 install_openai_errors(fastapi_app)  # every error OpenAI JSON: before Serve freezes the app
 
 
-def _num_params(cfg: AppConfig) -> int | None:
-    """The model's parameter count from its config.json, where the planner knows the shape."""
+def _model_shape(cfg: AppConfig) -> ModelShape | None:
+    """The model's shape from its config.json, where the planner knows it."""
     try:
-        from serve_app.plan import load_model_shape
-
-        return load_model_shape(cfg.model.source).num_params
+        return load_model_shape(cfg.model.source)
     except Exception:  # noqa: BLE001 - unknown shape: the threshold falls back to its default
         return None
 
@@ -141,7 +140,7 @@ class Router:
         self.prompt_tokens = PromptTokens(self.cfg.model.tokenizer_source)
         self.route_policy = RoutePolicy(
             self.cfg.router.routing,
-            short_prompt_tokens(self.cfg, _num_params(self.cfg)),
+            short_prompt_tokens(self.cfg, _model_shape(self.cfg)),
             short_output_tokens(self.cfg),
         )
         self.stalls = LoopStalls()

@@ -12,7 +12,11 @@ The rules, in order (`RoutePolicy.decide`):
 1. Engines: decode down -> prefill runs the whole request (`prefill_only`); prefill down, or the
    two phases' KV layouts disagree -> `decode_only`. Both down is refused earlier (admission).
 2. Shape: requests one prefill cannot hand to one decode (n > 1, beam search) -> `decode_only`.
-3. Length: fewer prompt tokens than `short_prompt_tokens` -> `decode_only`.
+3. Length: fewer prompt tokens than `short_prompt_tokens` -> `decode_only`. By default the
+   prompt decode prefills within `local_prefill_budget_ms` (`short_prompt_tokens()`): on the
+   CPU build with the tiny model that is every prompt it takes, as measured (local was faster
+   for the request and no slower for decode's streams at 128-1,700 tokens, 6 and 20 req/s:
+   bench/results/cpu-route-thresholds/).
 4. Load: prefill's queue far deeper than decode's would be with this prompt (in prompt tokens
    waiting: `prefill_backlog_ratio` times, and at least `prefill_backlog_min` requests), and the
    prompt no longer than `backlog_local_max_tokens` -> `decode_only`: decode computes it now
@@ -32,14 +36,22 @@ import enum
 from dataclasses import dataclass
 
 from serve_app.config import AppConfig, RoutingConfig
+from serve_app.plan import ModelShape
+from serve_app.vllm_plugin import parse_cores
 
-# The CPU build's default, chosen, not swept: on the 2-core machine with the tiny model the
-# prefill hop and the NIXL read cost ~25-30 ms, about what decode spends computing a prompt of a
-# few hundred tokens; a sweep of the threshold on the mixed workload is still to be done.
-CPU_SHORT_PROMPT_TOKENS = 256
-# The CPU build's default, chosen, not swept: the handoff costs ~25-30 ms here (hop, NIXL read,
-# decode's first step), more than prefill spends decoding a few tokens itself (~5 ms each).
-CPU_SHORT_OUTPUT_TOKENS = 16
+# The CPU build's prefill rate on one core, in the model's layer FLOPs (2 x its layers'
+# parameters a token): measured on this machine with the tiny model, decode-local, from the TTFT
+# P50 of 256- to 1,700-token prompts under chats at 6 and 20 req/s (8.2-8.7 us a token, attention
+# over the context included; bench/results/cpu-route-thresholds/). A model of larger matrices
+# runs faster per FLOP (the small model ~4x), so other models get a threshold on the low side.
+CPU_PREFILL_FLOPS_PER_CORE = 70e9
+# The CPU build's default, measured there too: a request asking for at most 8 tokens finishes
+# on prefill. Against the handoff it was faster at the P50 for 2-8 output tokens (8: 44-51 ms end
+# to end against 53-55) and tied at 16, where the handoff's P99 was 12-22% better.
+CPU_SHORT_OUTPUT_TOKENS = 8
+# A model whose shape the planner does not know: chosen, not measured (the tiny model's handoff
+# cost, ~25-30 ms here, against decode computing a few hundred tokens).
+FALLBACK_SHORT_PROMPT_TOKENS = 256
 # On a GPU only what needs no measurement: a one-token request gains nothing from decode (its
 # token is prefill's own); the GPU campaign's handoff time is what would move it.
 GPU_SHORT_OUTPUT_TOKENS = 1
@@ -149,16 +161,23 @@ class RoutePolicy:
         )
 
 
-def short_prompt_tokens(cfg: AppConfig, num_params: int | None) -> int:
-    """The configured threshold, or the derived default (see `RoutingConfig`)."""
+def short_prompt_tokens(cfg: AppConfig, shape: ModelShape | None) -> int:
+    """The configured threshold, or the derived default (see `RoutingConfig`): the prompt decode
+    prefills within `local_prefill_budget_ms`. On a GPU at its SM share of the card's peak, at
+    `PREFILL_MFU`; on the CPU build at `CPU_PREFILL_FLOPS_PER_CORE` times decode's cores."""
     routing = cfg.router.routing
     if routing.short_prompt_tokens is not None:
         return routing.short_prompt_tokens
-    if cfg.device == "cpu" or not num_params:
-        return CPU_SHORT_PROMPT_TOKENS
+    if shape is None:
+        return FALLBACK_SHORT_PROMPT_TOKENS
+    budget_s = routing.local_prefill_budget_ms / 1000
+    if cfg.device == "cpu":
+        cores = len(parse_cores(cfg.decode.cpu_cores)) if cfg.decode.cpu_cores else 1
+        layer_flops = 2 * shape.num_layers * shape.num_params_per_layer
+        return int(CPU_PREFILL_FLOPS_PER_CORE * cores * budget_s / layer_flops)
     share = (cfg.decode.sm_percentage or 100) / 100
-    tokens_per_s = routing.decode_peak_tflops * 1e12 * share * PREFILL_MFU / (2 * num_params)
-    return int(tokens_per_s * routing.local_prefill_budget_ms / 1000)
+    tokens_per_s = routing.decode_peak_tflops * 1e12 * share * PREFILL_MFU / (2 * shape.num_params)
+    return int(tokens_per_s * budget_s)
 
 
 def short_output_tokens(cfg: AppConfig) -> int:

@@ -8,12 +8,13 @@ import time
 import pytest
 
 from serve_app.config import AdmissionConfig, AppConfig, RoutingConfig
+from serve_app.plan import ModelShape, load_model_shape
 from serve_app.policy.admission import Admission
 from serve_app.policy.errors import Rejection
 from serve_app.policy.health import LoopStalls, PhaseHealth, is_compatible
 from serve_app.policy.route import (
     CPU_SHORT_OUTPUT_TOKENS,
-    CPU_SHORT_PROMPT_TOKENS,
+    FALLBACK_SHORT_PROMPT_TOKENS,
     GPU_SHORT_OUTPUT_TOKENS,
     PhaseView,
     Reason,
@@ -110,17 +111,31 @@ def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
     assert always.decide(5000, True, IDLE, max_output_tokens=1).route is Route.DISAGGREGATED
 
 
+TINY = ModelShape(  # serve_app/tiny_model.py's "tiny"
+    name="tiny", hidden_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+    head_dim=32, intermediate_size=256, vocab_size=32000, is_tied_embeddings=False,
+)
+
+
 def test_threshold_defaults() -> None:
     cpu = AppConfig()
-    assert short_prompt_tokens(cpu, num_params=8_000_000_000) == CPU_SHORT_PROMPT_TOKENS
+    # A layer: q, o 128x128 each, k, v 128x64 each, MLP 3 x 128x256, two norms of 128: 147,712
+    # parameters; 2 layers, 2 FLOPs each: 590,848 FLOPs a token. 70 GFLOP/s on decode's one
+    # core for 20 ms: 2,369 tokens, more than the local config's max_model_len.
+    assert short_prompt_tokens(cpu, TINY) == 2369
+    two = AppConfig.model_validate({"decode": {"num_gpus": 0.2, "cpu_cores": "1-2"}})
+    assert short_prompt_tokens(two, TINY) == 4738
+    # An 8B model on a CPU core: 0.1 tokens in 20 ms, so every prompt goes through prefill.
+    assert short_prompt_tokens(cpu, load_model_shape("llama-3.1-8b")) == 0
+    assert short_prompt_tokens(cpu, None) == FALLBACK_SHORT_PROMPT_TOKENS
     fixed = AppConfig.model_validate({"router": {"routing": {"short_prompt_tokens": 64}}})
     assert short_prompt_tokens(fixed, None) == 64
     gpu = AppConfig.model_validate(
         {"device": "cuda", "decode": {"sm_percentage": 20}, "prefill": {"sm_percentage": 80}}
     )
-    # 989 TFLOP/s x 20% x 0.5 MFU / (2 x 8e9 FLOP/token) = 6,181 tokens/s; 20 ms of it.
-    assert short_prompt_tokens(gpu, 8_000_000_000) == 123
-    assert short_output_tokens(cpu) == CPU_SHORT_OUTPUT_TOKENS
+    # 989 TFLOP/s x 20% x 0.5 MFU / (2 x 8.03e9 FLOP/token) = 6,157 tokens/s; 20 ms of it.
+    assert short_prompt_tokens(gpu, load_model_shape("llama-3.1-8b")) == 123
+    assert short_output_tokens(cpu) == CPU_SHORT_OUTPUT_TOKENS == 8
     assert short_output_tokens(gpu) == GPU_SHORT_OUTPUT_TOKENS == 1
     off = AppConfig.model_validate({"router": {"routing": {"short_output_tokens": 0}}})
     assert short_output_tokens(off) == 0
