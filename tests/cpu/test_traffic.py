@@ -127,16 +127,17 @@ def test_a_few_output_tokens_run_whole_on_prefill(app: dict[str, Any]) -> None:
 
 
 def test_load_rule_keeps_a_mid_prompt_local_under_a_prefill_backlog(app: dict[str, Any]) -> None:
-    """While a dozen long prompts queue in prefill (the backlog rule needs 4, and 4x the prompt
-    tokens decode would have queued), a prompt just over the threshold runs decode-local; once prefill is idle again, the
-    same prompt is disaggregated."""
+    """While 16 long prompts queue in prefill (the backlog rule needs 4, and 4x the prompt
+    tokens decode would have queued), a prompt just over the threshold runs decode-local; once
+    prefill is idle again, the same prompt is disaggregated."""
     mid_prompt = " ".join(["word"] * 30)  # ~90 tokens: over the threshold, under 4x it
+    # ~1,700 tokens each; 16 of them: a dozen drained before any mid saw the backlog once.
     longest = " ".join(f"chapter {i} of a long report on queues" for i in range(90))
 
     async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
         async with httpx.AsyncClient(timeout=120) as client:
             backlog = asyncio.gather(
-                *(client.post(app["url"], json=completion(longest)) for _ in range(12))
+                *(client.post(app["url"], json=completion(longest)) for _ in range(16))
             )
             # Mids go out while the backlog lasts, each on its own: one that reaches the Router
             # before the backlog does is disaggregated and waits behind it on prefill, and must
