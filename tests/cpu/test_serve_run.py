@@ -26,7 +26,7 @@ from tests.cpu.conftest import MODEL_NAME, ROOT
 
 HTTP_PORT = 8000  # configs/local-cpu.yaml http_options.port
 ROUTER_PORT = 8001  # scripts/serve-local: the first port of Serve's direct ingress
-LONG_PROMPT = " ".join(f"word{i % 97}" for i in range(400))  # ~800 tokens
+LONG_PROMPT = " ".join(f"word{i % 97}" for i in range(400))  # 1,950 tokens
 START_TIMEOUT_S = 900
 
 
@@ -148,8 +148,8 @@ def check_handle_snippet(served: subprocess.Popen) -> None:
 def check_router_port(served: subprocess.Popen) -> None:
     """The Router answers itself on ROUTER_PORT: the same greedy text as through the proxy,
     decode-local (the shipped config's measured threshold keeps every prompt of the tiny model
-    on decode; the handoff's own tests set theirs); a stream; OpenAI error JSON for a bad body; a client gone mid-stream
-    leaves nothing in either engine."""
+    on decode; the handoff's own tests set theirs); a stream; OpenAI error JSON for a bad body;
+    a client gone mid-stream leaves nothing in either engine."""
     assert router_urls_printed(served) == [f"http://127.0.0.1:{ROUTER_PORT}"]
     router_url, proxy_url = (f"http://127.0.0.1:{port}" for port in (ROUTER_PORT, HTTP_PORT))
     body = {"model": MODEL_NAME, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0.0}
