@@ -23,6 +23,7 @@ from serve_app.policy.route import (
     short_output_tokens,
     short_prompt_tokens,
 )
+from serve_app.tiny_model import SIZES
 
 IDLE = PhaseView()
 
@@ -111,10 +112,7 @@ def test_output_rule_keeps_a_few_tokens_on_prefill() -> None:
     assert always.decide(5000, True, IDLE, max_output_tokens=1).route is Route.DISAGGREGATED
 
 
-TINY = ModelShape(  # serve_app/tiny_model.py's "tiny"
-    name="tiny", hidden_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2,
-    head_dim=32, intermediate_size=256, vocab_size=32000, is_tied_embeddings=False,
-)
+TINY = ModelShape.from_hf_config({**SIZES["tiny"], "vocab_size": 32000}, "tiny")
 
 
 def test_threshold_defaults() -> None:

@@ -7,19 +7,21 @@ usage: python bench/results/cpu-route-thresholds/summarize.py OUTDIR [RATE]
 import sys
 from pathlib import Path
 
-from serve_app.bench.records import RequestRecord, read_json
+from serve_app.bench.records import RequestRecord, load_runs
 from serve_app.bench.stats import percentile
 
 PROMPTS = (128, 256, 512, 1024, 1700)
 OUTPUTS = (2, 8, 16, 32, 64)
 
 
+def pooled(out: Path, pattern: str) -> list[RequestRecord]:
+    """Every request of the runs whose files match `pattern`: the rounds pooled."""
+    return [r for path in sorted(out.glob(pattern)) for run in load_runs(path) for r in run.records]
+
+
 def records(out: Path, system: str, name: str, rate: int) -> list[RequestRecord]:
-    found = []
     tag = "" if rate == 6 else f"r{rate}-"
-    for path in sorted(out.glob(f"{system}-{name}-{tag}[0-9].json.gz")):
-        found += [RequestRecord(**raw) for raw in read_json(path)["records"]]
-    return found
+    return pooled(out, f"{system}-{name}-{tag}[0-9].json.gz")
 
 
 def ms(values: list[float], q: float, digits: int = 1) -> str:
@@ -32,7 +34,7 @@ def row(rs: list[RequestRecord]) -> str:
     chat = [r for r in ok if r.class_name == "chat"]
     ttft = [r.ttft_s for r in probe]
     e2e = [r.e2e_s for r in probe]
-    chat_tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in chat]
+    chat_tpot = [r.tpot_s for r in chat]
     chat_gap = [max(r.itl_s) for r in chat if r.itl_s]
     return (
         f"{len(probe)} | {ms(ttft, 50)} / {ms(ttft, 99)} | {ms(e2e, 50)} / {ms(e2e, 99)} | "
@@ -71,14 +73,10 @@ def mix(out: Path) -> None:
     )
     for rate in (6, 40):
         for system in ("unified", "pd", "pdnew"):
-            rs = []
-            for path in sorted(out.glob(f"{system}-{rate}-[0-9].json.gz")):
-                rs += [RequestRecord(**raw) for raw in read_json(path)["records"]]
+            rs = pooled(out, f"{system}-{rate}-[0-9].json.gz")
             ok = [r for r in rs if r.error is None]
-            tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-            chat = [
-                (r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.class_name == "chat"
-            ]
+            tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+            chat = [r.tpot_s for r in ok if r.class_name == "chat"]
             doc = [r.ttft_s for r in ok if r.class_name == "doc"]
             ttft, e2e = [r.ttft_s for r in ok], [r.e2e_s for r in ok]
             print(
