@@ -1,7 +1,9 @@
 """NIXL connector settings per role: the `kv_transfer_config` and the environment of each engine.
 
-Both engines run vLLM's `NixlConnector` as `kv_both`; which one prefills and which one decodes is
-decided per request by `kv_transfer_params` (see `protocol.py`), not by the engine's role.
+Both engines run vLLM's `NixlConnector`, prefill as `kv_producer` and decode as `kv_consumer`
+(vLLM 0.32 deprecates `kv_both`). Whether a request is handed over is decided per request by
+`kv_transfer_params` (see `protocol.py`); a request without them runs whole on either engine
+(decode-local, whole on prefill, failover), which neither role prevents.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ CONNECTOR = "NixlConnector"
 # Same-GPU transfers need CUDA IPC / copy transports; without them UCX falls back to TCP through
 # the host (vllm issue 52607: 0.5 GB/s instead of ~50 GB/s).
 GPU_UCX_TLS = "cuda_ipc,cuda_copy,sm,self,tcp"
+# Prefill only ever gives KV, decode only ever takes it.
+KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
 def kv_transfer_config(cfg: AppConfig, role: str) -> dict[str, Any]:
@@ -25,7 +29,7 @@ def kv_transfer_config(cfg: AppConfig, role: str) -> dict[str, Any]:
     kv = cfg.kv_transfer
     return {
         "kv_connector": CONNECTOR,
-        "kv_role": "kv_both",
+        "kv_role": KV_ROLES[role],
         "kv_buffer_device": cfg.kv_buffer_device,
         # One per engine in the cluster: a port is one engine's on its host (`claim_side_channel`),
         # and decode keys what it learnt of a prefill engine (its NIXL agent) by this id.

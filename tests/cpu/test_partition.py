@@ -334,7 +334,7 @@ def test_engine_argv_carries_the_nixl_connector(args: dict[str, Any], buffer_dev
     for role in ("prefill", "decode"):
         kv = kv_transfer_config_of(engine_argv(cfg, role))
         assert kv["kv_connector"] == "NixlConnector"
-        assert kv["kv_role"] == "kv_both"
+        assert kv["kv_role"] == {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
         assert kv["kv_buffer_device"] == buffer_device
         assert kv["kv_connector_extra_config"]["kv_lease_duration"] == 120
         engine_ids.add(kv["engine_id"])
