@@ -175,7 +175,7 @@ def check_router_port(served: subprocess.Popen) -> None:
                           json={**body, "prompt": "hi", "max_tokens": 1500, "ignore_eos": True,
                                 "stream": True}) as response:
             first = next(response.iter_lines())
-            assert json.loads(first.removeprefix("data: "))["choices"][0]["text"], first
+            assert "choices" in json.loads(first.removeprefix("data: ")), first  # not an error
     deadline = time.monotonic() + 60
     while any(engine_gauges(router_url).values()):
         assert time.monotonic() < deadline, engine_gauges(router_url)
