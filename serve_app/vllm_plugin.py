@@ -122,6 +122,7 @@ def register() -> None:
         clamp_remote_load(cls)
     _set_progress_delay()
     _sleep_between_polls()
+    _load_compile_cache_on_cpu()
 
 
 def _set_progress_delay() -> None:
@@ -275,3 +276,28 @@ def _sleep_between_polls() -> None:
 
     wait._pd_serve_sleep = True  # type: ignore[attr-defined]
     cls.wait = wait
+
+
+def _load_compile_cache_on_cpu() -> None:
+    """CPU build: let vLLM load the compiled model it saved instead of compiling it again.
+
+    vLLM 0.32 finishes loading its AOT compile cache with `compiled_fn.finalize_loading(...)`.
+    On a GPU the compiled function is vLLM's own wrapper, which has that method; with the CPU
+    build's stock inductor backend it is torch's `BundledAOTAutogradSerializableCallable`
+    around a plain function, which has nothing to finalize and no such method. The call raised
+    AttributeError, vLLM took it for a bad cache ("Compiling model again due to a load failure
+    ... 'function' object has no attribute 'finalize_loading'") and compiled the model again at
+    every engine start. Torch's wrapper gets the missing no-op here.
+    """
+    try:
+        from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable as cls
+        from vllm.platforms import current_platform
+    except ImportError:
+        return
+    if not current_platform.is_cpu() or "finalize_loading" in vars(cls):
+        return
+
+    def finalize_loading(self, vllm_config: Any) -> None:  # noqa: ANN001, ARG001
+        """Nothing to finalize: the deserialized function is ready to call."""
+
+    cls.finalize_loading = finalize_loading

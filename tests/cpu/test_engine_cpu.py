@@ -1,6 +1,7 @@
 """The vLLM plugin's CPU-build settings of an engine's processes: `cpu_cores` pins EngineCore
 beside its worker, `cpu_poll_sleep_us` makes them sleep between polls of their shared queue
-(after `cpu_poll_spin_us` of spinning, where set).
+(after `cpu_poll_spin_us` of spinning, where set), and a restarted engine loads the model vLLM
+compiled before instead of compiling it again.
 
 Each case runs in its own interpreter (the plugin patches the process it runs in). The queue case
 uses a real vLLM `shm_broadcast.MessageQueue`, the one between EngineCore and its worker: a
@@ -203,3 +204,55 @@ def test_the_phase_settings_reach_the_engine_env_on_cpu_only() -> None:
                                                   "cpu_poll_spin_us": 300}))
     with pytest.raises(ValidationError, match="prefill.cpu_poll_sleep_us applies to device: cpu"):
         AppConfig.model_validate(gpu_args(prefill={"cpu_poll_sleep_us": 100}))
+
+
+# One real engine on the embedded model: greedy tokens of prompts of several lengths (the
+# compiled graph's dynamic shapes), and whether vLLM loaded its compile cache or compiled.
+ENGINE_SCRIPT = """
+import json, sys
+
+
+def main():
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=sys.argv[1], max_model_len=512, block_size=32)
+    prompts = ["hello world " * k for k in (1, 5, 20, 60)]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    print("TOKENS " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_restarted_engine_loads_its_compiled_model_and_answers_the_same(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """vLLM 0.32 on the CPU build recompiled the model at every start: loading its own AOT
+    compile cache failed on `finalize_loading` ('function' object has no attribute ...). With
+    the plugin the second start loads what the first saved, and the greedy tokens match."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache"),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(script), str(tiny_model)], env=env, capture_output=True,
+            text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+        logs = result.stdout + result.stderr
+        assert "Compiling model again due to a load failure" not in logs, logs[-4000:]
+        tokens = next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))
+        runs.append((json.loads(tokens.removeprefix("TOKENS ")), logs))
+    (compiled, first_logs), (loaded, second_logs) = runs
+    assert "saved AOT compiled function" in first_logs
+    assert "Directly load AOT compilation" in second_logs
+    assert loaded == compiled and all(len(ids) == 24 for ids in loaded)
