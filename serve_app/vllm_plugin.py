@@ -46,6 +46,10 @@ sooner is not an option: with a 0 s busy loop notifications get lost and steps s
 polls instead of yielding. A sleep's wake-up then delays each message that comes while the
 reader sleeps, several a step; `cpu_poll_spin_us` keeps vLLM's yielding for the start of each
 wait, which the next step's message mostly falls in (README, "Small machines").
+
+Sixth, on the CPU build, a restarted engine loads the compiled model vLLM saved at its last start
+instead of compiling it again (`_load_compile_cache_on_cpu`): ~3.7 s of a tiny-model engine's
+5.7 s init, at every start and every restart after a failover.
 """
 
 from __future__ import annotations
