@@ -1,11 +1,14 @@
 """One streaming request to an OpenAI-compatible server -> one `RequestRecord`.
 
 Timing uses `time.perf_counter()` taken as each SSE line arrives (aiohttp, no OpenAI client in
-between). A "content chunk" is an event whose first choice carries non-empty text (`text` for
-completions, `delta.content` or `delta.reasoning_content` for chat); role-only and usage-only
-chunks are not tokens. TTFT is the time to the first content chunk, each later content chunk adds
-one inter-token gap, and E2E ends at `data: [DONE]`. Token counts come from the final usage chunk
-(`stream_options.include_usage`); without one, the number of content chunks stands in.
+between). A "content chunk" is an event whose first choice carries the output field (`text` for
+completions, `delta.content` or `delta.reasoning_content` for chat), even empty: a token that ends
+inside a multi-byte character (byte-level BPE) has no text of its own yet, and vLLM streams it as
+an empty chunk. Role-only chunks (`delta.role` with empty content) and usage-only chunks are not
+tokens. TTFT is the time to the first content chunk, as in vLLM's `bench serve`; each later
+content chunk adds one inter-token gap, and E2E ends at `data: [DONE]`. Token counts come from the
+final usage chunk (`stream_options.include_usage`); without one, the number of content chunks
+stands in.
 
 A request fails (its `error` is set) on a non-200 status (`HTTP <status>: <body>`), an error event
 inside the stream, a stream that ends without `[DONE]` or without any content, or an exception.
@@ -122,6 +125,10 @@ class SSEParser:
         return data
 
 
+TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
+"""Where a chat chunk's delta carries generated text."""
+
+
 def chunk_text(chunk: dict[str, Any]) -> str:
     """The generated text in one completions or chat chunk ("" for role/usage-only chunks)."""
     choices = chunk.get("choices") or []
@@ -131,7 +138,26 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     if "text" in choice:
         return choice.get("text") or ""
     delta = choice.get("delta") or {}
-    return delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
+    return next((delta[name] for name in TEXT_FIELDS if delta.get(name)), "")
+
+
+def is_content_chunk(chunk: dict[str, Any]) -> bool:
+    """Whether the chunk carries generated tokens: its first choice has the output field, even
+    empty (a token whose text is not whole yet). Before this count, such a first token pushed
+    the TTFT back to the next chunk, `stream_interval` steps later: with the embedded random-weight
+    model, ~10% of requests (README, "Benchmarks")."""
+    choices = chunk.get("choices") or []
+    if not choices:
+        return False
+    choice = choices[0]
+    if "text" in choice:
+        return choice["text"] is not None
+    delta = choice.get("delta") or {}
+    if chunk_text(chunk):
+        return True
+    if "role" in delta:  # vLLM's first chat chunk: the role, with empty content, before a token
+        return False
+    return any(delta.get(name) is not None for name in TEXT_FIELDS)
 
 
 class StreamTimer:
@@ -153,7 +179,7 @@ class StreamTimer:
         if chunk.get("error"):
             self.record.error = "stream error: " + json.dumps(chunk["error"])[:MAX_ERROR_CHARS]
             return
-        if chunk_text(chunk):
+        if is_content_chunk(chunk):
             self._on_token(now)
         if chunk.get("usage"):
             self.record.prompt_tokens = chunk["usage"].get("prompt_tokens")

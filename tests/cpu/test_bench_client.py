@@ -51,13 +51,17 @@ async def stream_tokens(request: web.Request, is_chat: bool) -> web.StreamRespon
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     if is_chat:
-        await response.write(sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
+        # vLLM's first chat chunk: the role with empty content, not a token.
+        role = {"role": "assistant", "content": ""}
+        await response.write(sse({"choices": [{"index": 0, "delta": role}]}))
     await asyncio.sleep(FIRST_TOKEN_DELAY_S)
     num_tokens = body["max_tokens"]
     for index in range(num_tokens):
         if index:
             await asyncio.sleep(TOKEN_GAP_S)
-        await response.write(sse(completion_chunk(f" t{index}", is_chat)))
+        # A token that ends inside a multi-byte character streams with empty text (vLLM).
+        text = "" if prompt == "fragment-first" and index == 0 else f" t{index}"
+        await response.write(sse(completion_chunk(text, is_chat)))
         if prompt == "midstream-error":
             await response.write(sse({"error": {"message": "engine died", "code": 500}}))
             return response
@@ -159,6 +163,18 @@ async def test_streamed_record_fields(server: ServerThread, endpoint: str) -> No
     assert (body["max_tokens"], body["ignore_eos"]) == (4, True)
     assert "min_tokens" not in body
     assert ("messages" in body) == (endpoint == "chat")
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+async def test_a_first_token_without_text_of_its_own_is_the_first_token(
+    server: ServerThread, endpoint: str
+) -> None:
+    """TTFT is the first token's chunk even when its text is empty (a byte of a character),
+    not the next chunk's; the chat role chunk before it is no token."""
+    record = await send_one(server, Prompt(text="fragment-first", output_len=4), endpoint)
+    assert record.error is None and record.output_tokens == 4
+    assert FIRST_TOKEN_DELAY_S - SLEEP_SLACK_S <= record.ttft_s < FIRST_TOKEN_DELAY_S + TOKEN_GAP_S
+    assert len(record.itl_s) == 3
 
 
 async def test_client_reads_to_the_end_and_reuses_its_connection(server: ServerThread) -> None:
