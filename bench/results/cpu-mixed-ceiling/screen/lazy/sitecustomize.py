@@ -1,8 +1,10 @@
 import os
+
 if os.environ.get("LAZY_KV") == "1":
     import contextlib
-    from vllm.v1.worker import kv_connector_model_runner_mixin as m
+
     from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.worker import kv_connector_model_runner_mixin as m
 
     @staticmethod
     @contextlib.contextmanager
