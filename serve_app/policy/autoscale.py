@@ -38,6 +38,10 @@ from serve_app.config import PairsAutoscaling
 
 logger = logging.getLogger("ray.serve")
 POLICY = "serve_app.policy.autoscale:PairAutoscalingPolicy"
+SERVE_PUSH_INTERVAL_S = 10.0
+"""Serve's default for how often replicas and handles push their request counts to the
+controller (`AutoscalingConfig.metrics_interval_s`)."""
+PUSHES_PER_LOOK_BACK = 4
 KV_USAGE_METRIC = "kv_cache_usage"
 """The custom metric each server replica reports (`record_autoscaling_stats`): 0..1."""
 
@@ -175,10 +179,22 @@ class PairAutoscalingPolicy:
         return num_pairs, {}
 
 
+def metrics_push_interval_s(settings: PairsAutoscaling) -> float:
+    """How often the replicas and the Router's handles push their counts: `PUSHES_PER_LOOK_BACK`
+    times per look-back window, at most Serve's 10 s. Ray 2.60 pushes every
+    `metrics_interval_s` of the deployment's config, 10 s unless set (the environment variables
+    its docs name instead, `RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S`, are read by
+    nothing), so a window of `look_back_period_s` <= 10 s would average counts up to 10 s old,
+    one push or none, and Ray warns that a later release refuses it."""
+    return min(SERVE_PUSH_INTERVAL_S, settings.look_back_period_s / PUSHES_PER_LOOK_BACK)
+
+
 def serve_autoscaling_config(settings: PairsAutoscaling) -> dict[str, Any]:
     """A server deployment's `autoscaling_config`: this module's policy, with Serve's own delays
-    and factors neutral, so that the count it returns is the target Serve sets."""
+    and factors neutral, so that the count it returns is the target Serve sets, and counts
+    pushed often enough for the look-back window to average (`metrics_push_interval_s`)."""
     return {
+        "metrics_interval_s": metrics_push_interval_s(settings),
         "min_replicas": settings.min,
         "max_replicas": settings.max,
         "initial_replicas": settings.min,

@@ -27,11 +27,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 # The session's one Ray cluster runs as the README asks of autoscaled pairs
 # (test_pairs_autoscale.py): Serve packs replicas (a node's prefill and decode together; its
-# default spread put one pair's two replicas on two nodes), and replicas and the Router's handles
-# push autoscaling metrics every second instead of every 10 s. Every test runs under these.
+# default spread put one pair's two replicas on two nodes). Every test runs under it. (How often
+# replicas push their counts is the pairs' own config: policy/autoscale.py.)
 os.environ.setdefault("RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY", "1")
-os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
-os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 # Serve's proxy sheds completions past what an app's Routers hold (policy/proxy_door.py), as on
 # AWS (deploy/aws/cluster.yaml) and under `make run`.
 os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serve_app.policy.door:middlewares")

@@ -157,6 +157,25 @@ def test_a_target_serve_set_itself_is_where_the_policy_starts_again() -> None:
     assert ticks.tick(2.0, idle) == dict.fromkeys(PHASES, 1)
 
 
+def test_counts_are_pushed_several_times_per_look_back_window() -> None:
+    """Ray 2.60 pushes a replica's and a handle's counts every `metrics_interval_s` (10 s unless
+    set): a 3 s window would average counts up to 10 s old, and Serve warns that a later Ray
+    refuses a window no longer than the push."""
+    import warnings
+
+    from ray.serve.config import AutoscalingConfig
+
+    from serve_app.config import PairsAutoscaling
+    from serve_app.policy.autoscale import serve_autoscaling_config
+
+    for look_back_s, push_s in ((1, 0.25), (3, 0.75), (30, 7.5), (3600, 10.0)):
+        settings = PairsAutoscaling(max=2, look_back_period_s=look_back_s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            config = AutoscalingConfig(**serve_autoscaling_config(settings))
+        assert (config.look_back_period_s, config.metrics_interval_s) == (look_back_s, push_s)
+
+
 def test_the_range_is_validated_naming_its_fields() -> None:
     from pydantic import ValidationError
 
