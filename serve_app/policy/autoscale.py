@@ -38,10 +38,8 @@ from serve_app.config import PairsAutoscaling
 
 logger = logging.getLogger("ray.serve")
 POLICY = "serve_app.policy.autoscale:PairAutoscalingPolicy"
-SERVE_PUSH_INTERVAL_S = 10.0
-"""Serve's default for how often replicas and handles push their request counts to the
-controller (`AutoscalingConfig.metrics_interval_s`)."""
 PUSHES_PER_LOOK_BACK = 4
+"""How many pushes of the replicas' and handles' counts a look-back window holds."""
 KV_USAGE_METRIC = "kv_cache_usage"
 """The custom metric each server replica reports (`record_autoscaling_stats`): 0..1."""
 
@@ -186,7 +184,9 @@ def metrics_push_interval_s(settings: PairsAutoscaling) -> float:
     its docs name instead, `RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S`, are read by
     nothing), so a window of `look_back_period_s` <= 10 s would average counts up to 10 s old,
     one push or none, and Ray warns that a later release refuses it."""
-    return min(SERVE_PUSH_INTERVAL_S, settings.look_back_period_s / PUSHES_PER_LOOK_BACK)
+    from ray.serve.config import DEFAULT_METRICS_INTERVAL_S
+
+    return min(DEFAULT_METRICS_INTERVAL_S, settings.look_back_period_s / PUSHES_PER_LOOK_BACK)
 
 
 def serve_autoscaling_config(settings: PairsAutoscaling) -> dict[str, Any]:
